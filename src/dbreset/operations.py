@@ -1,0 +1,532 @@
+"""The library verbs: ``migrate``, ``truncate``, ``reset``, ``status``.
+
+Each takes :class:`~dbreset.settings.Settings` and returns a frozen result; none
+prints or exits. Errors are :class:`~dbreset.errors.DbResetError` subclasses.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from dbreset import database, migrations, postgres
+from dbreset.errors import BusyError, ConfigError, DbResetError, MigrationError, TruncateError
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from dbreset.settings import Settings
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Result:
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TableRows:
+    table: str
+    rows: int
+    #: True when there were more rows than were counted
+    more: bool = False
+
+
+@dataclass(frozen=True)
+class MigrateResult(Result):
+    target: str
+    before: tuple[str, ...]
+    after: tuple[str, ...]
+    heads: tuple[str, ...]
+    upgraded: bool
+    #: revisions an upgrade applies (dry run) or applied, oldest first
+    pending: tuple[str, ...] = ()
+    version_table: str = "public.alembic_version"
+    dry_run: bool = False
+    elapsed_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class TruncateResult(Result):
+    target: str
+    emptied: tuple[TableRows, ...]
+    tables_checked: int
+    sequences_restarted: tuple[str, ...]
+    matviews_refreshed: tuple[str, ...]
+    excluded: tuple[str, ...]
+    kept_sequences: tuple[str, ...] = ()
+    dry_run: bool = False
+    elapsed_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class ResetResult(Result):
+    target: str
+    migrate: MigrateResult
+    truncate: TruncateResult
+    created: bool = False
+    dry_run: bool = False
+    elapsed_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class StatusResult(Result):
+    target: str
+    server_version: str
+    database: str
+    current: tuple[str, ...]
+    heads: tuple[str, ...]
+    at_head: bool
+    nonempty: tuple[TableRows, ...]
+    tables_checked: int
+    holders: tuple[str, ...]
+    settings: dict[str, tuple[str, str]] = field(default_factory=dict)
+    problem: str | None = None
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 1)
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+@contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    """env.py files often read the URL variable themselves: point it at our target."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def _target(settings: Settings) -> database.Target:
+    target = database.make_target(settings.require_url())
+    database.check_safety(target, settings)
+    return target
+
+
+def _project(settings: Settings, *, required: bool) -> migrations.Project | None:
+    default = settings.sources.get("alembic_config", "default") == "default"
+    if not required and default and not settings.alembic_config.exists():
+        return None
+    return migrations.load_project(settings.alembic_config)
+
+
+def ensure_database(target: database.Target, settings: Settings) -> bool:
+    """Create the target database if it does not exist; True if it was created."""
+    import psycopg
+    from psycopg import sql
+
+    try:
+        database.connect(target, settings, role="create").close()
+        return False
+    except DbResetError as exc:
+        if "does not exist" not in str(exc):
+            raise
+    conn = None
+    for maintenance in ("postgres", "template1"):
+        try:
+            conn = database.connect(target, settings, role="create", dbname=maintenance)
+            break
+        except DbResetError:
+            continue
+    if conn is None:
+        raise database.connect_error(
+            psycopg.OperationalError("cannot reach a maintenance database (postgres, template1)"),
+            target,
+            target.dbname,
+        )
+    with conn:
+        try:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target.dbname)))
+        except psycopg.errors.DuplicateDatabase:
+            return False  # created by someone else meanwhile
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise ConfigError(
+                f"cannot create database {target.dbname!r}: {exc.diag.message_primary}; "
+                "grant CREATEDB to this role or create it once by hand"
+            ) from None
+    return True
+
+
+def _version_table(
+    project: migrations.Project | None, cached: migrations.CachedHeads | None
+) -> tuple[str, str]:
+    if project is None:
+        return migrations.DEFAULT_VERSION_TABLE
+    if cached is not None and not project.version_table_from_ini:
+        return cached.version_table
+    return project.version_table_key
+
+
+def _migrate_locked(
+    conn: psycopg.Connection[Any],
+    project: migrations.Project,
+    target: database.Target,
+    settings: Settings,
+    *,
+    dry_run: bool,
+) -> MigrateResult:
+    start = time.perf_counter()
+    key = migrations.fingerprint(project)
+    cached = migrations.read_cache(project, key)
+    version_table = _version_table(project, cached)
+    current = migrations.database_heads(conn, version_table)
+    label = ".".join(version_table)
+    if cached is not None and current == cached.heads:
+        return MigrateResult(
+            target.masked_url,
+            current,
+            current,
+            current,
+            False,
+            version_table=label,
+            dry_run=dry_run,
+            elapsed_ms=_ms(start),
+        )
+    heads = migrations.script_heads(project)
+    if current == heads:
+        migrations.write_cache(project, key, migrations.CachedHeads(heads, version_table))
+        return MigrateResult(
+            target.masked_url,
+            current,
+            current,
+            heads,
+            False,
+            version_table=label,
+            dry_run=dry_run,
+            elapsed_ms=_ms(start),
+        )
+    if dry_run:
+        pending = migrations.pending_revisions(project, current)
+        return MigrateResult(
+            target.masked_url,
+            current,
+            current,
+            heads,
+            False,
+            pending=pending,
+            version_table=label,
+            dry_run=True,
+            elapsed_ms=_ms(start),
+        )
+    with _environ(settings.url_env, target.url):
+        outcome = migrations.upgrade(project, target.url)
+    after = migrations.database_heads(conn, outcome.version_table)
+    if after != heads:
+        raise MigrationError(
+            f"after the upgrade {target.display} is at {', '.join(after) or 'no revision'} "
+            f"but the scripts' heads are {', '.join(heads)}: does env.py use another URL?"
+        )
+    migrations.write_cache(project, key, migrations.CachedHeads(heads, outcome.version_table))
+    return MigrateResult(
+        target.masked_url,
+        outcome.before,
+        after,
+        heads,
+        outcome.before != after,
+        version_table=".".join(outcome.version_table),
+        elapsed_ms=_ms(start),
+    )
+
+
+def _truncate_locked(
+    conn: psycopg.Connection[Any],
+    target: database.Target,
+    settings: Settings,
+    *,
+    version_table: tuple[str, str],
+    dry_run: bool,
+) -> TruncateResult:
+    import psycopg
+    from psycopg import sql
+
+    start = time.perf_counter()
+    plan = postgres.plan_truncate(
+        conn, schemas=settings.schemas, exclude=settings.exclude, version_table=version_table
+    )
+
+    def result(
+        tables: list[postgres.Table],
+        counts: dict[int, int],
+        seqs: list[postgres.Sequence_],
+        views: list[postgres.Table],
+    ) -> TruncateResult:
+        cap = postgres.ROW_COUNT_CAP
+        return TruncateResult(
+            target=target.masked_url,
+            emptied=tuple(
+                TableRows(t.qualified, min(counts.get(t.oid, 0), cap), counts.get(t.oid, 0) > cap)
+                for t in tables
+            ),
+            tables_checked=len(plan.tables),
+            sequences_restarted=tuple(s.qualified for s in seqs),
+            matviews_refreshed=tuple(v.qualified for v in views),
+            excluded=plan.excluded,
+            kept_sequences=plan.kept_sequences,
+            dry_run=dry_run,
+            elapsed_ms=_ms(start),
+        )
+
+    def decide(
+        counts: dict[int, int],
+    ) -> tuple[list[postgres.Table], list[postgres.Sequence_], list[postgres.Table]]:
+        tables = plan.closure(
+            t for t in plan.tables if counts.get(t.oid, 0) or t.has_truncate_trigger
+        )
+        dirty = postgres.dirty_sequences(conn, plan.sequences)
+        seqs = [s for s in plan.sequences if s.oid in dirty]
+        if tables:
+            views = list(plan.matviews)
+        else:
+            stale = postgres.nonempty_matviews(conn, plan.matviews)
+            views = [v for v in plan.matviews if v.oid in stale]
+        return tables, seqs, views
+
+    if dry_run:
+        counts = postgres.row_counts(conn, plan.tables)
+        tables, seqs, views = decide(counts)
+        return result(tables, counts, seqs, views)
+
+    try:
+        with conn.transaction():
+            if plan.tables:
+                conn.execute(
+                    sql.SQL("SET LOCAL lock_timeout = {}").format(
+                        sql.Literal(max(1, int(settings.wait * 1000)))
+                    )
+                )
+                conn.execute(postgres.lock_statement(plan.tables))
+            counts = postgres.row_counts(conn, plan.tables)
+            tables, seqs, views = decide(counts)
+            statements = postgres.empty_statements(tables, seqs, views)
+            if statements:
+                conn.execute(sql.SQL(";\n").join(statements))
+    except psycopg.errors.LockNotAvailable:
+        holders = postgres.blockers(conn, plan.tables)
+        named = "; ".join(h.describe() for h in holders) or "they have gone since; try again"
+        raise BusyError(
+            f"could not lock the tables of {target.dbname!r} within {settings.wait:g}s, "
+            f"other connections hold them: {named}. Close those sessions (an idle "
+            "transaction still holds its locks) or pass --wait SECONDS"
+        ) from None
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise TruncateError(
+            f"permission denied: {exc.diag.message_primary}; run as the tables' owner or "
+            "GRANT TRUNCATE (and UPDATE on their sequences) to this role"
+        ) from None
+    except psycopg.errors.FeatureNotSupported as exc:
+        raise TruncateError(
+            f"cannot empty {target.dbname!r}: {exc.diag.message_primary} "
+            f"({exc.diag.message_detail or ''}); nothing was changed"
+        ) from None
+    except psycopg.DatabaseError as exc:
+        raise TruncateError(
+            f"cannot empty {target.dbname!r}: {exc.diag.message_primary or exc}; "
+            "nothing was changed"
+        ) from None
+    return result(tables, counts, seqs, views)
+
+
+# --------------------------------------------------------------------------- verbs
+
+
+def migrate(settings: Settings) -> MigrateResult:
+    """Upgrade the database to the scripts' heads (skipped when already there)."""
+    project = _project(settings, required=True)
+    assert project is not None
+    target = _target(settings)
+    with (
+        database.connect(target, settings, role="migrate") as conn,
+        database.exclusive_lock(conn, wait=settings.wait, target=target),
+    ):
+        return _migrate_locked(conn, project, target, settings, dry_run=False)
+
+
+def truncate(settings: Settings, *, dry_run: bool = False) -> TruncateResult:
+    """Empty every table of the chosen schemas and restart their sequences."""
+    project = _project(settings, required=False)
+    target = _target(settings)
+    with database.connect(target, settings, role="truncate") as conn:
+        cached = None
+        if project is not None:
+            cached = migrations.read_cache(project, migrations.fingerprint(project))
+        version_table = _version_table(project, cached)
+        if dry_run:
+            return _truncate_locked(
+                conn, target, settings, version_table=version_table, dry_run=True
+            )
+        with database.exclusive_lock(conn, wait=settings.wait, target=target):
+            return _truncate_locked(
+                conn, target, settings, version_table=version_table, dry_run=False
+            )
+
+
+def _reset_on(
+    conn: psycopg.Connection[Any],
+    target: database.Target,
+    settings: Settings,
+    project: migrations.Project,
+    *,
+    dry_run: bool,
+    created: bool,
+    start: float,
+) -> ResetResult:
+    migrated = _migrate_locked(conn, project, target, settings, dry_run=dry_run)
+    schema, _, table = migrated.version_table.rpartition(".")
+    emptied = _truncate_locked(
+        conn, target, settings, version_table=(schema, table), dry_run=dry_run
+    )
+    return ResetResult(
+        target.masked_url,
+        migrated,
+        emptied,
+        created=created,
+        dry_run=dry_run,
+        elapsed_ms=_ms(start),
+    )
+
+
+def reset(settings: Settings, *, dry_run: bool = False, create: bool = False) -> ResetResult:
+    """Migrate to head, then empty every table and restart every sequence."""
+    start = time.perf_counter()
+    project = _project(settings, required=True)
+    assert project is not None
+    target = _target(settings)
+    created = ensure_database(target, settings) if create and not dry_run else False
+    with database.connect(target, settings, role="reset") as conn:
+        if dry_run:
+            return _reset_on(
+                conn, target, settings, project, dry_run=True, created=False, start=start
+            )
+        with database.exclusive_lock(conn, wait=settings.wait, target=target):
+            return _reset_on(
+                conn, target, settings, project, dry_run=False, created=created, start=start
+            )
+
+
+class SessionGuard:
+    """A connection that holds the database for a running test session.
+
+    While it is open, resets and migrations from elsewhere are refused (or wait).
+    Closing it (or the process ending) lets go.
+    """
+
+    def __init__(self, conn: psycopg.Connection[Any], target: database.Target) -> None:
+        self.conn = conn
+        self.target = target
+
+    def close(self) -> None:
+        if not self.conn.closed:
+            self.conn.close()
+
+
+def reset_and_guard(
+    settings: Settings, *, create: bool = False
+) -> tuple[ResetResult, SessionGuard]:
+    """Reset, then keep holding the database for a test session (shared lock)."""
+    start = time.perf_counter()
+    project = _project(settings, required=True)
+    assert project is not None
+    target = _target(settings)
+    created = ensure_database(target, settings) if create else False
+    conn = database.connect(target, settings, role="pytest session")
+    try:
+        database.acquire_exclusive(conn, wait=settings.wait, target=target)
+        result = _reset_on(
+            conn, target, settings, project, dry_run=False, created=created, start=start
+        )
+        database.hold_for_session(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return result, SessionGuard(conn, target)
+
+
+def status(settings: Settings) -> StatusResult:
+    """Where the database stands: revision, leftover rows, who holds it, settings."""
+    project = _project(settings, required=False)
+    target = _target(settings)
+    with database.connect(target, settings, role="status") as conn:
+        row = conn.execute(postgres.SERVER_SQL).fetchone()
+        assert row is not None
+        version, dbname = row
+        heads: tuple[str, ...] = ()
+        cached = None
+        if project is not None:
+            key = migrations.fingerprint(project)
+            cached = migrations.read_cache(project, key)
+            heads = cached.heads if cached else migrations.script_heads(project)
+        version_table = _version_table(project, cached)
+        current = migrations.database_heads(conn, version_table)
+        problem = None
+        nonempty: tuple[TableRows, ...] = ()
+        checked = 0
+        try:
+            plan = postgres.plan_truncate(
+                conn,
+                schemas=settings.schemas,
+                exclude=settings.exclude,
+                version_table=version_table,
+            )
+            counts = postgres.row_counts(conn, plan.tables)
+            cap = postgres.ROW_COUNT_CAP
+            nonempty = tuple(
+                TableRows(t.qualified, min(counts[t.oid], cap), counts[t.oid] > cap)
+                for t in plan.tables
+                if counts.get(t.oid)
+            )
+            checked = len(plan.tables)
+        except TruncateError as exc:
+            problem = str(exc)
+        holders = tuple(
+            ("test session " if h.mode == "ShareLock" else "reset ") + h.describe()
+            for h in database.lock_holders(conn)
+        )
+    shown = {
+        key: (_show(key, getattr(settings, key)), settings.sources.get(key, "default"))
+        for key in (
+            "url",
+            "url_env",
+            "alembic_config",
+            "schemas",
+            "exclude",
+            "allowed_hosts",
+            "allow_remote",
+            "wait",
+        )
+    }
+    return StatusResult(
+        target=target.masked_url,
+        server_version=version,
+        database=dbname,
+        current=current,
+        heads=heads,
+        at_head=current == heads,
+        nonempty=nonempty,
+        tables_checked=checked,
+        holders=holders,
+        settings=shown,
+        problem=problem,
+    )
+
+
+def _show(key: str, value: object) -> str:
+    if key == "url":
+        return database.mask_url(str(value)) if value else "(not set)"
+    if isinstance(value, tuple):
+        return ", ".join(value) or "(none)"
+    return str(value)

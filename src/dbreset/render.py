@@ -1,0 +1,149 @@
+"""Output: rich text for people (results on stdout, progress and errors on
+stderr) and ``--json`` for scripts. The only module that prints."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.markup import escape
+
+if TYPE_CHECKING:
+    from dbreset.operations import (
+        MigrateResult,
+        ResetResult,
+        Result,
+        StatusResult,
+        TableRows,
+        TruncateResult,
+    )
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+#: How many emptied tables are named before "… and N more".
+SHOWN_TABLES = 12
+
+
+def as_json(data: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def result(res: Result, *, as_json_output: bool, quiet: bool) -> None:
+    from dbreset.operations import MigrateResult, ResetResult, StatusResult, TruncateResult
+
+    if as_json_output:
+        as_json({"ok": True, **res.to_dict()})
+        return
+    if isinstance(res, ResetResult):
+        _reset(res, quiet)
+    elif isinstance(res, TruncateResult):
+        _header("truncate", res.target, res.elapsed_ms, res.dry_run)
+        if not quiet:
+            _truncate(res)
+    elif isinstance(res, MigrateResult):
+        _header("migrate", res.target, res.elapsed_ms, res.dry_run)
+        if not quiet:
+            _migrate(res)
+    elif isinstance(res, StatusResult):
+        _status(res)
+
+
+def _header(verb: str, target: str, ms: float, dry_run: bool) -> None:
+    if dry_run:
+        out.print(f"[bold]dbreset {verb} --dry-run[/] {escape(target)}: nothing was changed")
+    else:
+        out.print(f"[bold green]dbreset {verb}[/] {escape(target)} in {ms:.0f} ms")
+
+
+def _line(label: str, text: str) -> None:
+    out.print(f"  [cyan]{label:<11}[/]{text}")
+
+
+def _revs(revs: tuple[str, ...]) -> str:
+    return escape(", ".join(revs)) if revs else "(empty database)"
+
+
+def _migrate(res: MigrateResult) -> None:
+    if res.dry_run and res.pending:
+        _line("migrations", f"{_revs(res.before)} → {_revs(res.heads)}, would apply:")
+        for rev in res.pending:
+            out.print(f"    {escape(rev)}")
+    elif res.upgraded:
+        _line("migrations", f"{_revs(res.before)} → {_revs(res.after)}")
+    else:
+        _line("migrations", f"at head {_revs(res.after)}, nothing to migrate")
+
+
+def _rows(item: TableRows) -> str:
+    more = "+" if item.more else ""
+    return f"{escape(item.table)} ({item.rows}{more} row{'s' if item.rows != 1 else ''})"
+
+
+def _truncate(res: TruncateResult) -> None:
+    verb = "would empty" if res.dry_run else "emptied"
+    shown = ", ".join(_rows(t) for t in res.emptied[:SHOWN_TABLES])
+    if len(res.emptied) > SHOWN_TABLES:
+        shown += f", … and {len(res.emptied) - SHOWN_TABLES} more"
+    if res.emptied:
+        _line(verb, f"{len(res.emptied)} of {res.tables_checked} tables: {shown}")
+    else:
+        _line(verb, f"0 of {res.tables_checked} tables: all were empty already")
+    restart = "would restart" if res.dry_run else "restarted"
+    if res.sequences_restarted:
+        names = escape(", ".join(res.sequences_restarted))
+        _line(restart, f"{len(res.sequences_restarted)} sequences: {names}")
+    else:
+        _line(restart, "0 sequences: all were at their start already")
+    if res.matviews_refreshed:
+        _line("refreshed", escape(", ".join(res.matviews_refreshed)))
+    if res.excluded:
+        _line("kept", escape(", ".join(res.excluded)))
+    if res.kept_sequences:
+        _line("kept", escape(", ".join(res.kept_sequences)))
+
+
+def _reset(res: ResetResult, quiet: bool) -> None:
+    _header("reset", res.target, res.elapsed_ms, res.dry_run)
+    if quiet:
+        return
+    if res.created:
+        _line("created", "the database did not exist and was created")
+    _migrate(res.migrate)
+    _truncate(res.truncate)
+
+
+def _status(res: StatusResult) -> None:
+    out.print(f"[bold]dbreset status[/] {escape(res.target)}")
+    _line("server", f"PostgreSQL {escape(res.server_version)}, database {escape(res.database)}")
+    state = "[green]at head[/]" if res.at_head else "[yellow]behind[/]"
+    _line("revision", f"{_revs(res.current)} (scripts: {_revs(res.heads)}) {state}")
+    if res.problem:
+        _line("problem", escape(res.problem))
+    elif res.nonempty:
+        rows = ", ".join(_rows(t) for t in res.nonempty[:SHOWN_TABLES])
+        if len(res.nonempty) > SHOWN_TABLES:
+            rows += f", … and {len(res.nonempty) - SHOWN_TABLES} more"
+        _line("rows", f"{len(res.nonempty)} of {res.tables_checked} tables hold rows: {rows}")
+    else:
+        _line("rows", f"all {res.tables_checked} tables are empty")
+    _line("held by", escape("; ".join(res.holders)) if res.holders else "nobody")
+    out.print("  [cyan]settings[/]")
+    for key, (value, source) in res.settings.items():
+        out.print(f"    {key:<15}{escape(value)}  [dim]({escape(source)})[/]")
+
+
+def error(exc: BaseException, *, verbose: bool, as_json_output: bool, code: int) -> None:
+    if verbose:
+        err.print(escape("".join(traceback.format_exception(exc))), end="")
+    message = str(exc) or type(exc).__name__
+    err.print(f"[bold red]dbreset: error:[/] {escape(message)}")
+    if as_json_output:
+        as_json({"ok": False, "error": message, "exit_code": code})
+
+
+def note(message: str) -> None:
+    err.print(f"[dim]{escape(message)}[/]")
