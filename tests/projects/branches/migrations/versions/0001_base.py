@@ -1,0 +1,32 @@
+"""create base_thing
+
+Revision ID: branches_base
+Revises:
+Create Date: 2025-03-01 10:00:00.000000
+
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+# revision identifiers, used by Alembic.
+revision: str = "branches_base"
+down_revision: str | Sequence[str] | None = None
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    """Upgrade schema."""
+    op.create_table(
+        "base_thing",
+        sa.Column("id", sa.Integer, primary_key=True),  # serial
+        sa.Column("name", sa.Text, nullable=False),
+    )
+
+
+def downgrade() -> None:
+    """Downgrade schema."""
+    op.drop_table("base_thing")
