@@ -18,8 +18,6 @@ import sys
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
-from sqlalchemy.engine import make_url
 
 USERS = [
     # email, displayName, referred by (email)
@@ -89,26 +87,11 @@ TABLES = [
 ]
 
 
-def conninfo_from_url(url_text: str) -> str:
-    """A libpq connection string for any SQLAlchemy-style PostgreSQL URL."""
-    url = make_url(url_text)
-    if url.get_backend_name() not in ("postgresql", "postgres"):
-        raise SystemExit(f"seed.py: not a PostgreSQL URL: {url}")
-    params: dict[str, object] = {}
-    if url.get_driver_name() in ("", "psycopg", "psycopg2"):
-        # Only libpq-style drivers share libpq's query parameters
-        # (asyncpg's "ssl" or "prepared_statement_cache_size" are not libpq's).
-        for key, value in url.query.items():
-            params[key] = value[-1] if isinstance(value, tuple) else value
-    return make_conninfo(
-        "",
-        host=url.host,
-        port=url.port,
-        user=url.username,
-        password=url.password,
-        dbname=url.database,
-        **params,
-    )
+def conninfo_from_url(url_text: str) -> dict[str, str]:
+    """libpq parameters for any SQLAlchemy-style PostgreSQL URL (asyncpg's too)."""
+    from dbreset.database import conninfo_params
+
+    return conninfo_params(url_text)
 
 
 def seed(conn: psycopg.Connection) -> None:
@@ -226,7 +209,7 @@ def main(argv: list[str]) -> int:
     if not url:
         print("usage: python examples/seed.py URL   (or set DATABASE_URL)", file=sys.stderr)
         return 2
-    with psycopg.connect(conninfo_from_url(url), application_name="dbreset-seed") as conn:
+    with psycopg.connect(**conninfo_from_url(url), application_name="dbreset-seed") as conn:
         seed(conn)
         conn.commit()
         report(conn)

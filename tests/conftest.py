@@ -67,7 +67,9 @@ def make_db(server_url: str, admin: psycopg.Connection) -> Iterator[Callable[...
 
     yield make
     for name in created:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 @pytest.fixture
@@ -79,7 +81,7 @@ def db_url(make_db: Callable[..., str]) -> str:
 def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A working directory with no pyproject.toml, no dbreset variables, own cache."""
     for name in list(os.environ):
-        if name.startswith("DBRESET_") and name != "DBRESET_TEST_URL" or name == "DATABASE_URL":
+        if (name.startswith("DBRESET_") and name != "DBRESET_TEST_URL") or name == "DATABASE_URL":
             monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     work = tmp_path / "work"
@@ -92,9 +94,11 @@ def copy_project(name: str, dest: Path) -> Path:
     """Copy an Alembic project from tests/projects (or the example at the root)."""
     if name == "example":
         shutil.copy(EXAMPLE_INI, dest / "alembic.ini")
-        shutil.copytree(ROOT / "migrations", dest / "migrations",
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            ROOT / "migrations", dest / "migrations", ignore=shutil.ignore_patterns("__pycache__")
+        )
     else:
-        shutil.copytree(PROJECTS / name, dest, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            PROJECTS / name, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__")
+        )
     return dest / "alembic.ini"

@@ -86,8 +86,15 @@ def conninfo_params(url: str) -> dict[str, str]:
             raise ValueError("empty")
         driver = _check_scheme(parts.scheme.lower(), url)
         query = _map_query(driver, parse_qsl(parts.query, keep_blank_values=True))
-        plain = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(query), ""))
-        return conninfo.conninfo_to_dict(plain)  # type: ignore[return-value]
+        # urlunsplit would drop the "//" of a URL without a host
+        plain = f"postgresql://{parts.netloc}{parts.path}"
+        if query:
+            plain += "?" + urlencode(query)
+        params: dict[str, str] = conninfo.conninfo_to_dict(plain)  # type: ignore[assignment]
+        ports = str(params.get("port", "")).split(",")
+        if not all(port.strip().isdigit() for port in ports if port.strip()):
+            raise ValueError(f"invalid port {params['port']!r}")
+        return params
     except ConfigError:
         raise
     except Exception as exc:

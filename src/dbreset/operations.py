@@ -346,9 +346,9 @@ def _truncate_locked(
 
 def migrate(settings: Settings) -> MigrateResult:
     """Upgrade the database to the scripts' heads (skipped when already there)."""
+    target = _target(settings)
     project = _project(settings, required=True)
     assert project is not None
-    target = _target(settings)
     with (
         database.connect(target, settings, role="migrate") as conn,
         database.exclusive_lock(conn, wait=settings.wait, target=target),
@@ -358,8 +358,8 @@ def migrate(settings: Settings) -> MigrateResult:
 
 def truncate(settings: Settings, *, dry_run: bool = False) -> TruncateResult:
     """Empty every table of the chosen schemas and restart their sequences."""
-    project = _project(settings, required=False)
     target = _target(settings)
+    project = _project(settings, required=False)
     with database.connect(target, settings, role="truncate") as conn:
         cached = None
         if project is not None:
@@ -403,9 +403,9 @@ def _reset_on(
 def reset(settings: Settings, *, dry_run: bool = False, create: bool = False) -> ResetResult:
     """Migrate to head, then empty every table and restart every sequence."""
     start = time.perf_counter()
+    target = _target(settings)
     project = _project(settings, required=True)
     assert project is not None
-    target = _target(settings)
     created = ensure_database(target, settings) if create and not dry_run else False
     with database.connect(target, settings, role="reset") as conn:
         if dry_run:
@@ -439,9 +439,9 @@ def reset_and_guard(
 ) -> tuple[ResetResult, SessionGuard]:
     """Reset, then keep holding the database for a test session (shared lock)."""
     start = time.perf_counter()
+    target = _target(settings)
     project = _project(settings, required=True)
     assert project is not None
-    target = _target(settings)
     created = ensure_database(target, settings) if create else False
     conn = database.connect(target, settings, role="pytest session")
     try:
@@ -458,8 +458,8 @@ def reset_and_guard(
 
 def status(settings: Settings) -> StatusResult:
     """Where the database stands: revision, leftover rows, who holds it, settings."""
-    project = _project(settings, required=False)
     target = _target(settings)
+    project = _project(settings, required=False)
     with database.connect(target, settings, role="status") as conn:
         row = conn.execute(postgres.SERVER_SQL).fetchone()
         assert row is not None

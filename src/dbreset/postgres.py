@@ -106,14 +106,18 @@ ORDER BY n.nspname, c.relname
 
 #: Foreign keys that point at one of the given relations (or their partitions).
 REFERENCES_SQL = """
-SELECT DISTINCT coalesce(pg_partition_root(con.conrelid), con.conrelid)::oid, coalesce(pg_partition_root(con.confrelid), con.confrelid)::oid,
-       rn.nspname, r.relname, tn.nspname, t.relname
-FROM pg_constraint con
-JOIN pg_class r ON r.oid = coalesce(pg_partition_root(con.conrelid), con.conrelid)
+WITH fk AS (
+    SELECT coalesce(pg_partition_root(conrelid), conrelid) AS src,
+           coalesce(pg_partition_root(confrelid), confrelid) AS dst
+    FROM pg_constraint WHERE contype = 'f'
+)
+SELECT DISTINCT fk.src::oid, fk.dst::oid, rn.nspname, r.relname, tn.nspname, t.relname
+FROM fk
+JOIN pg_class r ON r.oid = fk.src
 JOIN pg_namespace rn ON rn.oid = r.relnamespace
-JOIN pg_class t ON t.oid = coalesce(pg_partition_root(con.confrelid), con.confrelid)
+JOIN pg_class t ON t.oid = fk.dst
 JOIN pg_namespace tn ON tn.oid = t.relnamespace
-WHERE con.contype = 'f' AND coalesce(pg_partition_root(con.confrelid), con.confrelid) = ANY(%(oids)s)
+WHERE fk.dst = ANY(%(oids)s)
 """
 
 #: Sequences owned by (serial, identity) or used in column defaults of a relation.
