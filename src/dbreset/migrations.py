@@ -227,7 +227,10 @@ def pending_revisions(project: Project, current: tuple[str, ...]) -> tuple[str, 
     from alembic.script import ScriptDirectory
 
     script = ScriptDirectory.from_config(_alembic_config(project, None))
-    revisions = list(script.iterate_revisions("heads", current or "base"))
+    try:
+        revisions = list(script.iterate_revisions("heads", current or "base"))
+    except Exception as exc:
+        raise MigrationError(f"Alembic cannot plan the upgrade: {exc}") from exc
     revisions.reverse()
     return tuple(f"{r.revision}: {r.doc}" if r.doc else r.revision for r in revisions)
 
