@@ -20,7 +20,8 @@ DEMO_DB = "dbreset_demo"
 
 
 def show(*args: str, env: dict[str, str]) -> None:
-    print(f"\n$ {shlex.join(args)}", flush=True)
+    shown = [Path(args[0]).name, *args[1:]]
+    print(f"\n$ {shlex.join(shown)}", flush=True)
     started = time.perf_counter()
     done = subprocess.run(args, cwd=ROOT, env=env)
     if done.returncode:
