@@ -28,23 +28,34 @@ def with_dbname(url: str, dbname: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, f"/{dbname}", parts.query, parts.fragment))
 
 
-@pytest.fixture(scope="session")
-def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A URL of a maintenance database on a real server."""
-    configured = os.environ.get("DBRESET_TEST_URL")
-    if configured:
-        yield configured
+_EMBEDDED: list[object] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Without DBRESET_TEST_URL, start one throwaway server, in the controller
+    (workers inherit the variable, so they share it and none of them stops it)."""
+    if os.environ.get("DBRESET_TEST_URL") or hasattr(config, "workerinput"):
         return
     from dbreset.embedded import EmbeddedServer
 
     data_dir = Path(os.environ.get("DBRESET_TEST_PGDATA", ROOT / ".cache" / "test-pgdata"))
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     server = EmbeddedServer(data_dir)
-    url = server.start(watch_pid=os.getpid())
-    try:
-        yield url
-    finally:
-        server.stop()
+    os.environ["DBRESET_TEST_URL"] = server.start(watch_pid=os.getpid())
+    _EMBEDDED.append(server)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    while _EMBEDDED:
+        server = _EMBEDDED.pop()
+        os.environ.pop("DBRESET_TEST_URL", None)
+        server.stop()  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def server_url() -> str:
+    """A URL of a maintenance database on a real server."""
+    return os.environ["DBRESET_TEST_URL"]
 
 
 @pytest.fixture(scope="session")

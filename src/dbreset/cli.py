@@ -113,7 +113,8 @@ def _root(
 
 
 def _flags(**values: Any) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if v not in (None, [], False)}
+    # `is`, not `in`: --wait 0 is a value (0.0 == False)
+    return {k: v for k, v in values.items() if v is not None and v is not False and v != []}
 
 
 def _confirm(settings: Settings, *, yes: bool) -> None:

@@ -530,3 +530,173 @@ def _show(key: str, value: object) -> str:
     if isinstance(value, tuple):
         return ", ".join(value) or "(none)"
     return str(value)
+
+
+# --------------------------------------------------------------------------- session canary
+# (pytest plugin) After the reset the pytest controller takes a snapshot of the
+# chosen schemas: oid and relfilenode of every table, partition, sequence and
+# materialized view, and the database's oid. Each process then checks it on one
+# connection of its own with one prepared query. Nothing is ever written to the
+# database, so nothing can be left behind.
+
+#: Start of every canary message.
+CANARY_MESSAGE = "the database was reset/truncated/rebuilt during this session"
+#: How many changed relations a message names before "and N more".
+CANARY_NAMED = 8
+
+#: What a new relfilenode means, by relkind; in the order messages list them.
+_CANARY_CHANGES = {
+    "r": "truncated or rewritten",
+    "p": "rewritten",
+    "m": "materialized views refreshed",
+    "S": "sequences restarted",
+}
+
+
+@dataclass(frozen=True)
+class CanaryRelation:
+    oid: int
+    filenode: int
+    #: ``schema.name``
+    name: str
+    #: ``pg_class.relkind``: r, p, S or m
+    kind: str
+
+
+@dataclass(frozen=True)
+class CanarySnapshot:
+    """The state a test session expects its database to stay in."""
+
+    url: str
+    database_oid: int
+    digest: str
+    schemas: tuple[str, ...]
+    relations: tuple[CanaryRelation, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists, strings and integers: it travels to xdist workers."""
+        return {
+            "url": self.url,
+            "database_oid": self.database_oid,
+            "digest": self.digest,
+            "schemas": list(self.schemas),
+            "relations": [[r.oid, r.filenode, r.name, r.kind] for r in self.relations],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CanarySnapshot:
+        return cls(
+            url=str(data["url"]),
+            database_oid=int(data["database_oid"]),
+            digest=str(data["digest"]),
+            schemas=tuple(data["schemas"]),
+            relations=tuple(
+                CanaryRelation(int(oid), int(filenode), str(name), str(kind))
+                for oid, filenode, name, kind in data["relations"]
+            ),
+        )
+
+
+def _oid_array(oids: list[int]) -> str:
+    """An ``oid[]`` literal: one string parameter adapts faster than a list."""
+    return "{" + ",".join(str(oid) for oid in oids) + "}"
+
+
+def _canary_state(conn: psycopg.Connection[Any], oids: str) -> tuple[int, str]:
+    row = conn.execute(postgres.CANARY_CHECK_SQL, {"oids": oids}).fetchone()
+    assert row is not None
+    return int(row[0] or 0), str(row[1])
+
+
+def canary_snapshot(
+    conn: psycopg.Connection[Any], url: str, schemas: tuple[str, ...]
+) -> CanarySnapshot:
+    """Snapshot the relations of *schemas* (right after a reset, on its connection)."""
+    rows = conn.execute(postgres.CANARY_SNAPSHOT_SQL, {"schemas": list(schemas)}).fetchall()
+    relations = tuple(
+        CanaryRelation(int(oid), int(filenode), f"{schema}.{name}", str(kind))
+        for oid, filenode, schema, name, kind in rows
+    )
+    database_oid, digest = _canary_state(conn, _oid_array([r.oid for r in relations]))
+    return CanarySnapshot(url, database_oid, digest, tuple(schemas), relations)
+
+
+def canary_changes(conn: psycopg.Connection[Any], snapshot: CanarySnapshot) -> dict[str, list[str]]:
+    """What happened to the relations of *snapshot* that are not as they were:
+    ``{"dropped": [names], "truncated or rewritten": [names], ...}``."""
+    oids = _oid_array([r.oid for r in snapshot.relations])
+    rows = conn.execute(postgres.CANARY_CURRENT_SQL, {"oids": oids}).fetchall()
+    now = {int(oid): int(filenode) for oid, filenode in rows}
+    changes: dict[str, list[str]] = {}
+    for what in ("dropped", *_CANARY_CHANGES.values()):
+        changes[what] = []
+    for rel in snapshot.relations:
+        if rel.oid not in now:
+            changes["dropped"].append(rel.name)
+        elif now[rel.oid] != rel.filenode:
+            changes[_CANARY_CHANGES.get(rel.kind, "rewritten")].append(rel.name)
+    return {what: names for what, names in changes.items() if names}
+
+
+def _canary_message(changes: dict[str, list[str]]) -> str:
+    parts = []
+    for what, names in changes.items():
+        more = len(names) - CANARY_NAMED
+        parts.append(
+            f"{what}: {', '.join(names[:CANARY_NAMED])}" + (f" and {more} more" if more > 0 else "")
+        )
+    return f"{CANARY_MESSAGE}: {'; '.join(parts) or 'a relation changed'}"
+
+
+class Canary:
+    """Checks a :class:`CanarySnapshot`, on one connection per process.
+
+    The connection is opened on the first check (or *conn* is used, e.g. the
+    session guard's own) and reused: the check is one prepared statement.
+    """
+
+    def __init__(
+        self, snapshot: CanarySnapshot, *, conn: psycopg.Connection[Any] | None = None
+    ) -> None:
+        self.snapshot = snapshot
+        self._conn = conn
+        self._owned = conn is None
+        self._oids = _oid_array([r.oid for r in snapshot.relations])
+        self._expected = (snapshot.database_oid, snapshot.digest)
+        self._lost: str | None = None
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None:
+            from dbreset.settings import Settings
+
+            target = database.make_target(self.snapshot.url)
+            # The controller vetted this very URL before it reset the database.
+            self._conn = database.connect(target, Settings(), role="pytest canary", check=False)
+        return self._conn
+
+    def verify(self) -> str | None:
+        """None while the database is as the snapshot says; else what changed."""
+        import psycopg
+
+        if self._lost is not None:
+            return self._lost
+        try:
+            conn = self._connection()
+            state = _canary_state(conn, self._oids)
+            if state == self._expected:
+                return None
+            if state[0] != self.snapshot.database_oid:
+                return f"{CANARY_MESSAGE}: the database was dropped and created again"
+            return _canary_message(canary_changes(conn, self.snapshot))
+        except (psycopg.OperationalError, DbResetError) as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self._lost = (
+                f"{CANARY_MESSAGE}: the database was dropped or its connections "
+                f"terminated ({database.scrub(detail, self.snapshot.url)})"
+            )
+            self.close()
+            return self._lost
+
+    def close(self) -> None:
+        if self._owned and self._conn is not None and not self._conn.closed:
+            self._conn.close()

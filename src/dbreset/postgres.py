@@ -338,3 +338,35 @@ def blockers(conn: psycopg.Connection[Any], tables: Sequence[Table]) -> list[Hol
 
 
 SERVER_SQL = "SELECT current_setting('server_version'), current_database()"
+
+
+# --------------------------------------------------------------------------- session canary
+# (pytest plugin) Nothing is created in the database: the canary compares the
+# oid and relfilenode of every relation of the chosen schemas with a snapshot
+# taken right after the reset. TRUNCATE, ALTER SEQUENCE ... RESTART, VACUUM
+# FULL, a rewriting ALTER TABLE and DROP/CREATE all give a new relfilenode or
+# oid; inserts, updates, deletes and nextval() do not.
+
+#: Ordinary tables, partitioned tables and partitions, sequences, materialized views.
+CANARY_SNAPSHOT_SQL = """
+SELECT c.oid, c.relfilenode, n.nspname, c.relname, c.relkind
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p', 'S', 'm') AND c.relpersistence <> 't'
+  AND n.nspname = ANY(%(schemas)s)
+ORDER BY c.oid
+"""
+
+#: One round trip per check: the database's oid and a digest of the snapshot's
+#: relations as they are now (a relation that is gone drops out of the digest).
+CANARY_CHECK_SQL = """
+SELECT (SELECT d.oid FROM pg_database d WHERE d.datname = current_database()),
+       md5(coalesce(string_agg(c.oid::text || ':' || c.relfilenode::text, ','
+                               ORDER BY c.oid), ''))
+FROM pg_class c
+WHERE c.oid = ANY(%(oids)s::oid[])
+"""
+
+#: What became of the snapshot's relations, by oid (kept only when they still exist).
+CANARY_CURRENT_SQL = """
+SELECT c.oid, c.relfilenode FROM pg_class c WHERE c.oid = ANY(%(oids)s::oid[])
+"""
