@@ -488,3 +488,124 @@ def test_status_reports_rows_revision_and_holders(example: tuple[str, Path]) -> 
         assert len(held.holders) == 1 and "test session" in held.holders[0]
     finally:
         guard.close()
+
+
+def _how(result: operations.TruncateResult) -> dict[str, str]:
+    return {t.table: t.how for t in result.emptied}
+
+
+def test_few_rows_without_triggers_are_deleted_children_first(isolated: Path, db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE parent (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY)")
+        conn.execute(
+            "CREATE TABLE child (id serial PRIMARY KEY, "
+            "parent_id int NOT NULL REFERENCES parent ON DELETE RESTRICT)"
+        )
+        conn.execute(
+            "CREATE TABLE grandchild (id bigserial, child_id int REFERENCES child, "
+            "parent_id int REFERENCES parent)"
+        )
+        conn.execute("CREATE TABLE empty_ref (parent_id int REFERENCES parent)")
+        conn.execute("INSERT INTO parent DEFAULT VALUES; INSERT INTO parent DEFAULT VALUES")
+        conn.execute("INSERT INTO child (parent_id) VALUES (1), (2)")
+        conn.execute("INSERT INTO grandchild (child_id, parent_id) VALUES (1, 1), (2, 2)")
+        before = conn.execute("SELECT relfilenode FROM pg_class WHERE relname = 'empty_ref'")
+        empty_ref_node = before.fetchone()
+    result = dbreset.truncate(settings_for(db_url))
+    assert _how(result) == {
+        "public.parent": "delete",
+        "public.child": "delete",
+        "public.grandchild": "delete",
+    }
+    assert result.also_truncated == 0
+    assert set(result.sequences_restarted) == {
+        "public.parent_id_seq",
+        "public.child_id_seq",
+        "public.grandchild_id_seq",
+    }
+    for table in ("parent", "child", "grandchild"):
+        assert scalar(db_url, f"SELECT count(*) FROM {table}") == 0
+    # an empty table that references a dirty one was not rebuilt for nothing
+    assert (
+        scalar(db_url, "SELECT relfilenode FROM pg_class WHERE relname = 'empty_ref'")
+        == (
+            empty_ref_node[0]  # type: ignore[index]
+        )
+    )
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        assert conn.execute("INSERT INTO parent DEFAULT VALUES RETURNING id").fetchone() == (1,)
+    # dead rows left by DELETE are no rows: the next run finds nothing to do
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("DELETE FROM parent")
+        conn.execute("SELECT setval('parent_id_seq', 1, false)")
+    again = dbreset.truncate(settings_for(db_url))
+    assert again.emptied == () and again.sequences_restarted == ()
+
+
+def test_cycles_triggers_rules_and_many_rows_are_truncated(isolated: Path, db_url: str) -> None:
+    from dbreset.postgres import DELETE_MAX_ROWS
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE a (id int PRIMARY KEY, b_id int)")
+        conn.execute("CREATE TABLE b (id int PRIMARY KEY, a_id int REFERENCES a)")
+        conn.execute("ALTER TABLE a ADD FOREIGN KEY (b_id) REFERENCES b")
+        conn.execute("INSERT INTO a VALUES (1, NULL); INSERT INTO b VALUES (1, 1)")
+        conn.execute("UPDATE a SET b_id = 1")
+        conn.execute("CREATE TABLE logged (v int)")
+        conn.execute("CREATE TABLE audit_log (v int)")
+        conn.execute(
+            "CREATE FUNCTION log_it() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN INSERT INTO audit_log VALUES (OLD.v); RETURN OLD; END $$"
+        )
+        conn.execute(
+            "CREATE TRIGGER log_delete AFTER DELETE ON logged "
+            "FOR EACH ROW EXECUTE FUNCTION log_it()"
+        )
+        conn.execute("CREATE TABLE ruled (v int)")
+        conn.execute("CREATE RULE keep AS ON DELETE TO ruled DO INSTEAD NOTHING")
+        conn.execute("CREATE TABLE big (v int)")
+        conn.execute(f"INSERT INTO big SELECT generate_series(1, {DELETE_MAX_ROWS + 1})")
+        conn.execute(
+            "CREATE TABLE tree (id int PRIMARY KEY, up int REFERENCES tree ON DELETE RESTRICT)"
+        )
+        conn.execute("INSERT INTO tree VALUES (1, NULL), (2, 1)")
+        conn.execute("INSERT INTO logged VALUES (7); INSERT INTO ruled VALUES (8)")
+    result = dbreset.truncate(settings_for(db_url, exclude=["audit_log"]))
+    how = _how(result)
+    assert how == {
+        "public.a": "truncate",
+        "public.b": "truncate",
+        "public.logged": "truncate",
+        "public.ruled": "truncate",
+        "public.big": "truncate",
+        "public.tree": "truncate",
+    }
+    assert dict((t.table, t.rows) for t in result.emptied)["public.big"] == DELETE_MAX_ROWS + 1
+    for table in ("a", "b", "logged", "ruled", "big", "tree"):
+        assert scalar(db_url, f"SELECT count(*) FROM {table}") == 0
+    assert scalar(db_url, "SELECT count(*) FROM audit_log") == 0  # no DELETE trigger fired
+
+
+def test_rows_hidden_by_row_security_are_still_emptied(
+    isolated: Path, db_url: str, admin: psycopg.Connection
+) -> None:
+    role = "dbreset_t_owner_" + db_url.rsplit("_", 1)[-1][:8]
+    admin.execute(f'CREATE ROLE "{role}" LOGIN')
+    try:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute(f'GRANT CREATE ON SCHEMA public TO "{role}"')
+        owner_url = db_url.replace("postgres@", f"{role}@", 1)
+        with psycopg.connect(owner_url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE secret (id serial, v text)")
+            conn.execute("INSERT INTO secret (v) VALUES ('hidden'), ('hidden too')")
+            conn.execute("ALTER TABLE secret ENABLE ROW LEVEL SECURITY")
+            conn.execute("ALTER TABLE secret FORCE ROW LEVEL SECURITY")
+            conn.execute("CREATE POLICY nothing ON secret USING (false)")
+            assert conn.execute("SELECT count(*) FROM secret").fetchone() == (0,)
+        result = dbreset.truncate(settings_for(owner_url))
+        assert _how(result) == {"public.secret": "truncate"}
+        assert scalar(db_url, "SELECT count(*) FROM secret") == 0  # as superuser: all rows
+    finally:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute(f'DROP OWNED BY "{role}"')
+        admin.execute(f'DROP ROLE IF EXISTS "{role}"')

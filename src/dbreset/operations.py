@@ -37,6 +37,8 @@ class TableRows:
     rows: int
     #: True when there were more rows than were counted
     more: bool = False
+    #: "truncate" or "delete" (few rows, no triggers or rules: same end state, faster)
+    how: str = "truncate"
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,8 @@ class TruncateResult(Result):
     matviews_refreshed: tuple[str, ...]
     excluded: tuple[str, ...]
     kept_sequences: tuple[str, ...] = ()
+    #: empty tables truncated only because they reference a truncated one
+    also_truncated: int = 0
     dry_run: bool = False
     elapsed_ms: float = 0.0
 
@@ -89,6 +93,15 @@ class StatusResult(Result):
     holders: tuple[str, ...]
     settings: dict[str, tuple[str, str]] = field(default_factory=dict)
     problem: str | None = None
+
+
+#: (tables to truncate, tables to delete from in order, sequences, matviews)
+Decision = tuple[
+    list["postgres.Table"],
+    list["postgres.Table"],
+    list["postgres.Sequence_"],
+    list["postgres.Table"],
+]
 
 
 def _ms(start: float) -> float:
@@ -259,47 +272,47 @@ def _truncate_locked(
         conn, schemas=settings.schemas, exclude=settings.exclude, version_table=version_table
     )
 
-    def result(
-        tables: list[postgres.Table],
-        counts: dict[int, int],
-        seqs: list[postgres.Sequence_],
-        views: list[postgres.Table],
-    ) -> TruncateResult:
+    def result(counts: dict[int, int], decision: Decision) -> TruncateResult:
         cap = postgres.ROW_COUNT_CAP
+        truncated, deleted, seqs, views = decision
+        how = {t.oid: "delete" for t in deleted}
         return TruncateResult(
             target=target.masked_url,
             emptied=tuple(
-                TableRows(t.qualified, min(counts.get(t.oid, 0), cap), counts.get(t.oid, 0) > cap)
-                for t in tables
+                TableRows(
+                    t.qualified,
+                    min(counts[t.oid], cap),
+                    counts[t.oid] > cap,
+                    how.get(t.oid, "truncate"),
+                )
+                for t in plan.tables
+                if counts.get(t.oid)
             ),
             tables_checked=len(plan.tables),
             sequences_restarted=tuple(s.qualified for s in seqs),
             matviews_refreshed=tuple(v.qualified for v in views),
             excluded=plan.excluded,
             kept_sequences=plan.kept_sequences,
+            also_truncated=sum(1 for t in truncated if not counts.get(t.oid)),
             dry_run=dry_run,
             elapsed_ms=_ms(start),
         )
 
-    def decide(
-        counts: dict[int, int],
-    ) -> tuple[list[postgres.Table], list[postgres.Sequence_], list[postgres.Table]]:
-        tables = plan.closure(
-            t for t in plan.tables if counts.get(t.oid, 0) or t.has_truncate_trigger
-        )
-        dirty = postgres.dirty_sequences(conn, plan.sequences)
-        seqs = [s for s in plan.sequences if s.oid in dirty]
-        if tables:
+    def decide(counts: dict[int, int]) -> Decision:
+        dirty = [t for t in plan.tables if counts.get(t.oid, 0) or t.has_truncate_trigger]
+        truncated, deleted = plan.split(dirty, counts)
+        restart = postgres.dirty_sequences(conn, plan.sequences)
+        seqs = [s for s in plan.sequences if s.oid in restart]
+        if dirty:
             views = list(plan.matviews)
         else:
             stale = postgres.nonempty_matviews(conn, plan.matviews)
             views = [v for v in plan.matviews if v.oid in stale]
-        return tables, seqs, views
+        return truncated, deleted, seqs, views
 
     if dry_run:
         counts = postgres.row_counts(conn, plan.tables)
-        tables, seqs, views = decide(counts)
-        return result(tables, counts, seqs, views)
+        return result(counts, decide(counts))
 
     try:
         with conn.transaction():
@@ -311,8 +324,9 @@ def _truncate_locked(
                 )
                 conn.execute(postgres.lock_statement(plan.tables))
             counts = postgres.row_counts(conn, plan.tables)
-            tables, seqs, views = decide(counts)
-            statements = postgres.empty_statements(tables, seqs, views)
+            decision = decide(counts)
+            truncated, deleted, seqs, views = decision
+            statements = postgres.empty_statements(truncated, seqs, views, deleted)
             if statements:
                 conn.execute(sql.SQL(";\n").join(statements))
     except psycopg.errors.LockNotAvailable:
@@ -338,7 +352,7 @@ def _truncate_locked(
             f"cannot empty {target.dbname!r}: {exc.diag.message_primary or exc}; "
             "nothing was changed"
         ) from None
-    return result(tables, counts, seqs, views)
+    return result(counts, decision)
 
 
 # --------------------------------------------------------------------------- verbs
