@@ -609,3 +609,20 @@ def test_rows_hidden_by_row_security_are_still_emptied(
         with psycopg.connect(db_url, autocommit=True) as conn:
             conn.execute(f'DROP OWNED BY "{role}"')
         admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+
+
+def test_sequence_set_elsewhere_without_being_called_is_restarted(
+    isolated: Path, db_url: str
+) -> None:
+    """is_called = false is not 'at the start': setval(seq, 50, false) must be undone
+    (PostgreSQL 18 reads the state in one query; before 18 it is read per sequence)."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("CREATE SEQUENCE moved START 10")
+        conn.execute("CREATE TABLE t (id bigint DEFAULT nextval('moved'), n serial)")
+        conn.execute("SELECT setval('moved', 50, false)")
+    result = dbreset.truncate(settings_for(db_url))
+    assert result.sequences_restarted == ("public.moved",)
+    assert scalar(db_url, "SELECT nextval('moved')") == 10
+    again = dbreset.truncate(settings_for(db_url))
+    assert again.sequences_restarted == ("public.moved",)  # nextval above moved it on
+    assert dbreset.truncate(settings_for(db_url)).sequences_restarted == ()

@@ -389,22 +389,36 @@ def row_counts(conn: psycopg.Connection[Any], tables: Sequence[Table]) -> dict[i
     return counts
 
 
+#: PostgreSQL 18 reads every sequence's state in one query.
+SEQUENCE_STATE_SQL = """
+SELECT t.oid FROM unnest(%(oids)s::oid[], %(starts)s::bigint[]) AS t(oid, start),
+     LATERAL pg_get_sequence_data(t.oid) AS d
+WHERE d.is_called IS NOT FALSE OR d.last_value IS DISTINCT FROM t.start
+"""
+
+#: Before 18, this finds the sequences that were called (``last_value`` is NULL otherwise).
+SEQUENCE_CALLED_SQL = """
+SELECT s FROM unnest(%(oids)s::oid[]) AS s WHERE pg_sequence_last_value(s) IS NOT NULL
+"""
+
+
 def dirty_sequences(conn: psycopg.Connection[Any], sequences: Sequence[Sequence_]) -> set[int]:
     """Sequences whose next value is not their start value (unknown counts as dirty).
 
-    ``pg_sequence_last_value`` answers for every sequence in one query, but only
-    whether it was called; the others are read, in one more query, in case a
-    ``setval(..., false)`` left them elsewhere than at their start.
+    One query on PostgreSQL 18 and later. Before, ``pg_sequence_last_value``
+    only tells whether a sequence was called; the others are read, in one more
+    query, in case a ``setval(..., false)`` left them elsewhere than at their start.
     """
     readable = [s for s in sequences if s.can_select]
     dirty = {s.oid for s in sequences if not s.can_select}
     if not readable:
         return dirty
-    called = conn.execute(
-        "SELECT s FROM unnest(%(oids)s::oid[]) AS s WHERE pg_sequence_last_value(s) IS NOT NULL",
-        {"oids": [s.oid for s in readable]},
-    ).fetchall()
-    dirty.update(oid for (oid,) in called)
+    oids = [s.oid for s in readable]
+    if conn.info.server_version >= 180000:
+        starts = [s.start for s in readable]
+        rows = conn.execute(SEQUENCE_STATE_SQL, {"oids": oids, "starts": starts}).fetchall()
+        return dirty | {oid for (oid,) in rows}
+    dirty.update(oid for (oid,) in conn.execute(SEQUENCE_CALLED_SQL, {"oids": oids}))
     unsure = [s for s in readable if s.oid not in dirty]
     if unsure:
         parts = [
