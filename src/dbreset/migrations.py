@@ -9,7 +9,6 @@ is pending (or the cache is cold) is Alembic imported and the user's own
 
 from __future__ import annotations
 
-import asyncio
 import configparser
 import hashlib
 import json
@@ -272,6 +271,8 @@ class UpgradeOutcome:
 
 def _in_thread_if_loop_running(fn: Any) -> Any:
     """The async template calls ``asyncio.run()``, which fails inside a running loop."""
+    import asyncio
+
     try:
         asyncio.get_running_loop()
     except RuntimeError:

@@ -232,23 +232,31 @@ WITH uses AS (
     FROM pg_attrdef ad JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass
                                        AND d.objid = ad.oid AND d.refclassid = 'pg_class'::regclass
 ), agg AS (
-    SELECT seq, array_agg(DISTINCT rel) AS rels FROM uses GROUP BY seq
+    SELECT seq, array_agg(DISTINCT rel) AS rels, bool_or(rel = ANY(%(oids)s::oid[])) AS ours
+    FROM uses GROUP BY seq
 )
 SELECT s.oid, n.nspname, s.relname, ps.seqstart,
        pg_has_role(s.relowner, 'USAGE'),
        has_sequence_privilege(s.oid, 'UPDATE'),
        has_sequence_privilege(s.oid, 'SELECT'),
-       agg.rels,
-       ARRAY(SELECT format('%%I.%%I', rn.nspname, r.relname) FROM pg_class r
-             JOIN pg_namespace rn ON rn.oid = r.relnamespace
-             WHERE r.oid = ANY(agg.rels) ORDER BY 1)
+       agg.rels
 FROM agg
 JOIN pg_class s ON s.oid = agg.seq AND s.relkind = 'S'
 JOIN pg_namespace n ON n.oid = s.relnamespace
 JOIN pg_sequence ps ON ps.seqrelid = s.oid
-WHERE agg.rels && %(oids)s::oid[]
+WHERE agg.ours
 ORDER BY n.nspname, s.relname
 """
+
+
+def _names(conn: psycopg.Connection[Any], known: dict[int, Any], oids: list[int]) -> list[str]:
+    """``schema.name`` of relations, from *known* catalog rows or the server."""
+    names = [f"{known[o][1]}.{known[o][2]}" for o in oids if o in known]
+    unknown = [o for o in oids if o not in known]
+    if unknown:
+        rows = conn.execute("SELECT oid::regclass::text FROM unnest(%s::oid[]) AS oid", (unknown,))
+        names.extend(name for (name,) in rows)
+    return sorted(names)
 
 
 def _matches(table_schema: str, table_name: str, patterns: Iterable[str]) -> str | None:
@@ -314,12 +322,14 @@ def plan_truncate(
     kept: list[str] = []
     if chosen:
         seq_rows = conn.execute(SEQUENCES_SQL, {"oids": list(by_oid)}).fetchall()
-        for oid, schema, name, start, owner, upd, sel, rels, users in seq_rows:
+        chosen_oids = set(chosen)
+        for oid, schema, name, start, owner, upd, sel, rels in seq_rows:
             roots = {by_oid[rel][5] if rel in by_oid else rel for rel in rels}
-            if not roots & set(chosen):
+            if not roots & chosen_oids:
                 continue  # used by excluded tables only
-            if not roots <= set(chosen):
-                kept.append(f"{schema}.{name} (also used by a kept table: {', '.join(users)})")
+            if not roots <= chosen_oids:
+                users = ", ".join(_names(conn, by_oid, sorted(roots - chosen_oids)))
+                kept.append(f"{schema}.{name} (also used by a kept table: {users})")
                 continue
             sequences.append(Sequence_(oid, schema, name, start, owner, upd, sel))
         for seq in sequences:
