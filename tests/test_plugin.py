@@ -515,7 +515,8 @@ def test_ctrl_c_leaves_nothing_behind(
         wait_for(holding.exists, "the run to start its tests")
         with psycopg.connect(db_url) as conn:
             held = conn.execute(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
             ).fetchone()
         assert held == (1,)
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does

@@ -626,3 +626,34 @@ def test_sequence_set_elsewhere_without_being_called_is_restarted(
     again = dbreset.truncate(settings_for(db_url))
     assert again.sequences_restarted == ("public.moved",)  # nextval above moved it on
     assert dbreset.truncate(settings_for(db_url)).sequences_restarted == ()
+
+
+def test_delete_path_as_a_plain_owner_keeps_foreign_key_checks(
+    isolated: Path, db_url: str, admin: psycopg.Connection
+) -> None:
+    """A superuser deletes in replica mode; anyone else with foreign-key checks on,
+    children first: both must end empty."""
+    role = "dbreset_t_plain_" + db_url.rsplit("_", 1)[-1][:8]
+    admin.execute(f'CREATE ROLE "{role}" LOGIN')
+    try:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute(f'GRANT CREATE ON SCHEMA public TO "{role}"')
+        url = db_url.replace("postgres@", f"{role}@", 1)
+        with psycopg.connect(url, autocommit=True) as conn:
+            assert conn.execute(
+                "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"
+            ).fetchone() == (False,)
+            conn.execute("CREATE TABLE p (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY)")
+            conn.execute("CREATE TABLE c (id serial, p_id int REFERENCES p ON DELETE RESTRICT)")
+            conn.execute("CREATE TABLE gc (c_p int REFERENCES p, other int)")
+            conn.execute("INSERT INTO p DEFAULT VALUES; INSERT INTO p DEFAULT VALUES")
+            conn.execute("INSERT INTO c (p_id) VALUES (1), (2); INSERT INTO gc VALUES (1, 1)")
+        result = dbreset.truncate(settings_for(url))
+        assert _how(result) == {"public.p": "delete", "public.c": "delete", "public.gc": "delete"}
+        for table in ("p", "c", "gc"):
+            assert scalar(db_url, f"SELECT count(*) FROM {table}") == 0
+        assert scalar(url, "INSERT INTO p DEFAULT VALUES RETURNING id") == 1
+    finally:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute(f'DROP OWNED BY "{role}"')
+        admin.execute(f'DROP ROLE IF EXISTS "{role}"')

@@ -4,14 +4,15 @@ stderr) and ``--json`` for scripts. The only module that prints."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
+from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.markup import escape
-
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from dbreset.operations import (
         MigrateResult,
         ResetResult,
@@ -21,8 +22,33 @@ if TYPE_CHECKING:
         TruncateResult,
     )
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+# rich takes ~25 ms to import: it is imported when something is printed through it.
+@cache
+def _out() -> Console:
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+@cache
+def _err() -> Console:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def escape(text: str) -> str:
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
+def _plain_stdout() -> bool:
+    """Where rich would print no style at all: not a terminal, colour not forced."""
+    forced = os.environ.get("FORCE_COLOR") or os.environ.get("TTY_COMPATIBLE")
+    return not forced and not sys.stdout.isatty()
+
 
 #: How many emptied tables are named before "… and N more".
 SHOWN_TABLES = 12
@@ -37,6 +63,16 @@ def result(res: Result, *, as_json_output: bool, quiet: bool) -> None:
 
     if as_json_output:
         as_json({"ok": True, **res.to_dict()})
+        return
+    if (
+        quiet
+        and isinstance(res, (ResetResult, TruncateResult, MigrateResult))
+        and not res.dry_run
+        and _plain_stdout()
+    ):
+        # The line rich would print (_header), without importing rich.
+        verb = {ResetResult: "reset", TruncateResult: "truncate"}.get(type(res), "migrate")
+        sys.stdout.write(f"dbreset {verb} {res.target} in {res.elapsed_ms:.0f} ms\n")
         return
     if isinstance(res, ResetResult):
         _reset(res, quiet)
@@ -54,13 +90,13 @@ def result(res: Result, *, as_json_output: bool, quiet: bool) -> None:
 
 def _header(verb: str, target: str, ms: float, dry_run: bool) -> None:
     if dry_run:
-        out.print(f"[bold]dbreset {verb} --dry-run[/] {escape(target)}: nothing was changed")
+        _out().print(f"[bold]dbreset {verb} --dry-run[/] {escape(target)}: nothing was changed")
     else:
-        out.print(f"[bold green]dbreset {verb}[/] {escape(target)} in {ms:.0f} ms")
+        _out().print(f"[bold green]dbreset {verb}[/] {escape(target)} in {ms:.0f} ms")
 
 
 def _line(label: str, text: str) -> None:
-    out.print(f"  [cyan]{label:<11}[/]{text}")
+    _out().print(f"  [cyan]{label:<11}[/]{text}")
 
 
 def _revs(revs: tuple[str, ...]) -> str:
@@ -71,7 +107,7 @@ def _migrate(res: MigrateResult) -> None:
     if res.dry_run and res.pending:
         _line("migrations", f"{_revs(res.before)} → {_revs(res.heads)}, would apply:")
         for rev in res.pending:
-            out.print(f"    {escape(rev)}")
+            _out().print(f"    {escape(rev)}")
     elif res.upgraded:
         _line("migrations", f"{_revs(res.before)} → {_revs(res.after)}")
     else:
@@ -117,7 +153,7 @@ def _reset(res: ResetResult, quiet: bool) -> None:
 
 
 def _status(res: StatusResult) -> None:
-    out.print(f"[bold]dbreset status[/] {escape(res.target)}")
+    _out().print(f"[bold]dbreset status[/] {escape(res.target)}")
     _line("server", f"PostgreSQL {escape(res.server_version)}, database {escape(res.database)}")
     state = "[green]at head[/]" if res.at_head else "[yellow]behind[/]"
     _line("revision", f"{_revs(res.current)} (scripts: {_revs(res.heads)}) {state}")
@@ -131,19 +167,19 @@ def _status(res: StatusResult) -> None:
     else:
         _line("rows", f"all {res.tables_checked} tables are empty")
     _line("held by", escape("; ".join(res.holders)) if res.holders else "nobody")
-    out.print("  [cyan]settings[/]")
+    _out().print("  [cyan]settings[/]")
     for key, (value, source) in res.settings.items():
-        out.print(f"    {key:<15}{escape(value)}  [dim]({escape(source)})[/]")
+        _out().print(f"    {key:<15}{escape(value)}  [dim]({escape(source)})[/]")
 
 
 def error(exc: BaseException, *, verbose: bool, as_json_output: bool, code: int) -> None:
     if verbose:
-        err.print(escape("".join(traceback.format_exception(exc))), end="")
+        _err().print(escape("".join(traceback.format_exception(exc))), end="")
     message = str(exc) or type(exc).__name__
-    err.print(f"[bold red]dbreset: error:[/] {escape(message)}")
+    _err().print(f"[bold red]dbreset: error:[/] {escape(message)}")
     if as_json_output:
         as_json({"ok": False, "error": message, "exit_code": code})
 
 
 def note(message: str) -> None:
-    err.print(f"[dim]{escape(message)}[/]")
+    _err().print(f"[dim]{escape(message)}[/]")
