@@ -975,6 +975,17 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _local_paths_out(text: str) -> str:
+    """Results are committed: no paths of the machine that measured them."""
+    for prefix, short in (
+        (str(Path(sys.prefix) / "lib"), "<venv>/lib"),
+        (str(Path(__file__).resolve().parent.parent) + "/", ""),
+        (str(Path.home()), "~"),
+    ):
+        text = text.replace(prefix, short)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     names = [c.name for c in args.candidate]
@@ -1052,8 +1063,10 @@ def main(argv: list[str] | None = None) -> int:
         "profile": profile,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
-    (out_dir / "results.md").write_text(markdown(report))
+    (out_dir / "results.json").write_text(
+        _local_paths_out(json.dumps(report, indent=1, ensure_ascii=False)) + "\n"
+    )
+    (out_dir / "results.md").write_text(_local_paths_out(markdown(report)))
 
     log("")
     log(table_text(rows))
