@@ -131,7 +131,8 @@ def _truncate(res: TruncateResult) -> None:
     restart = "would restart" if res.dry_run else "restarted"
     if res.sequences_restarted:
         names = escape(", ".join(res.sequences_restarted))
-        _line(restart, f"{len(res.sequences_restarted)} sequences: {names}")
+        n = len(res.sequences_restarted)
+        _line(restart, f"{n} sequence{'' if n == 1 else 's'}: {names}")
     else:
         _line(restart, "0 sequences: all were at their start already")
     if res.matviews_refreshed:
