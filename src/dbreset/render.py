@@ -64,16 +64,6 @@ def result(res: Result, *, as_json_output: bool, quiet: bool) -> None:
     if as_json_output:
         as_json({"ok": True, **res.to_dict()})
         return
-    if (
-        quiet
-        and isinstance(res, (ResetResult, TruncateResult, MigrateResult))
-        and not res.dry_run
-        and _plain_stdout()
-    ):
-        # The line rich would print (_header), without importing rich.
-        verb = {ResetResult: "reset", TruncateResult: "truncate"}.get(type(res), "migrate")
-        sys.stdout.write(f"dbreset {verb} {res.target} in {res.elapsed_ms:.0f} ms\n")
-        return
     if isinstance(res, ResetResult):
         _reset(res, quiet)
     elif isinstance(res, TruncateResult):
@@ -89,14 +79,21 @@ def result(res: Result, *, as_json_output: bool, quiet: bool) -> None:
 
 
 def _header(verb: str, target: str, ms: float, dry_run: bool) -> None:
+    """The summary line; written without importing rich where rich would print
+    no style anyway, so that ``-q`` in a Makefile or CI stays cheap."""
     if dry_run:
-        _out().print(f"[bold]dbreset {verb} --dry-run[/] {escape(target)}: nothing was changed")
+        name, rest = f"dbreset {verb} --dry-run", f"{target}: nothing was changed"
     else:
-        _out().print(f"[bold green]dbreset {verb}[/] {escape(target)} in {ms:.0f} ms")
+        name, rest = f"dbreset {verb}", f"{target} in {ms:.0f} ms"
+    if _plain_stdout():
+        sys.stdout.write(f"{name} {rest}\n")
+    else:
+        style = "bold" if dry_run else "bold green"
+        _out().print(f"[{style}]{name}[/] {escape(rest)}")
 
 
 def _line(label: str, text: str) -> None:
-    _out().print(f"  [cyan]{label:<11}[/]{text}")
+    _out().print(f"  [cyan]{label:<13}[/] {text}")
 
 
 def _revs(revs: tuple[str, ...]) -> str:
@@ -119,13 +116,17 @@ def _rows(item: TableRows) -> str:
     return f"{escape(item.table)} ({item.rows}{more} row{'s' if item.rows != 1 else ''})"
 
 
+def _some_rows(items: tuple[TableRows, ...]) -> str:
+    shown = ", ".join(_rows(t) for t in items[:SHOWN_TABLES])
+    if len(items) > SHOWN_TABLES:
+        shown += f", … and {len(items) - SHOWN_TABLES} more"
+    return shown
+
+
 def _truncate(res: TruncateResult) -> None:
     verb = "would empty" if res.dry_run else "emptied"
-    shown = ", ".join(_rows(t) for t in res.emptied[:SHOWN_TABLES])
-    if len(res.emptied) > SHOWN_TABLES:
-        shown += f", … and {len(res.emptied) - SHOWN_TABLES} more"
     if res.emptied:
-        _line(verb, f"{len(res.emptied)} of {res.tables_checked} tables: {shown}")
+        _line(verb, f"{len(res.emptied)} of {res.tables_checked} tables: {_some_rows(res.emptied)}")
     else:
         _line(verb, f"0 of {res.tables_checked} tables: all were empty already")
     restart = "would restart" if res.dry_run else "restarted"
@@ -161,9 +162,7 @@ def _status(res: StatusResult) -> None:
     if res.problem:
         _line("problem", escape(res.problem))
     elif res.nonempty:
-        rows = ", ".join(_rows(t) for t in res.nonempty[:SHOWN_TABLES])
-        if len(res.nonempty) > SHOWN_TABLES:
-            rows += f", … and {len(res.nonempty) - SHOWN_TABLES} more"
+        rows = _some_rows(res.nonempty)
         _line("rows", f"{len(res.nonempty)} of {res.tables_checked} tables hold rows: {rows}")
     else:
         _line("rows", f"all {res.tables_checked} tables are empty")
@@ -180,7 +179,3 @@ def error(exc: BaseException, *, verbose: bool, as_json_output: bool, code: int)
     _err().print(f"[bold red]dbreset: error:[/] {escape(message)}")
     if as_json_output:
         as_json({"ok": False, "error": message, "exit_code": code})
-
-
-def note(message: str) -> None:
-    _err().print(f"[dim]{escape(message)}[/]")
