@@ -543,7 +543,7 @@ def test_few_rows_without_triggers_are_deleted_children_first(isolated: Path, db
 
 
 def test_cycles_triggers_rules_and_many_rows_are_truncated(isolated: Path, db_url: str) -> None:
-    from dbreset.postgres import DELETE_MAX_ROWS
+    from dbreset.postgres import DELETE_MAX_PAGES
 
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute("CREATE TABLE a (id int PRIMARY KEY, b_id int)")
@@ -564,7 +564,13 @@ def test_cycles_triggers_rules_and_many_rows_are_truncated(isolated: Path, db_ur
         conn.execute("CREATE TABLE ruled (v int)")
         conn.execute("CREATE RULE keep AS ON DELETE TO ruled DO INSTEAD NOTHING")
         conn.execute("CREATE TABLE big (v int)")
-        conn.execute(f"INSERT INTO big SELECT generate_series(1, {DELETE_MAX_ROWS + 1})")
+        # one page more than DELETE would take: about 226 such rows fit in a page
+        big_rows = 226 * (DELETE_MAX_PAGES + 1)
+        conn.execute(f"INSERT INTO big SELECT generate_series(1, {big_rows})")
+        assert (
+            conn.execute("SELECT pg_relation_size('big') / 8192").fetchone()[0]  # type: ignore[index]
+            > DELETE_MAX_PAGES
+        )
         conn.execute(
             "CREATE TABLE tree (id int PRIMARY KEY, up int REFERENCES tree ON DELETE RESTRICT)"
         )
@@ -580,7 +586,7 @@ def test_cycles_triggers_rules_and_many_rows_are_truncated(isolated: Path, db_ur
         "public.big": "truncate",
         "public.tree": "truncate",
     }
-    assert dict((t.table, t.rows) for t in result.emptied)["public.big"] == DELETE_MAX_ROWS + 1
+    assert dict((t.table, t.rows) for t in result.emptied)["public.big"] == big_rows
     for table in ("a", "b", "logged", "ruled", "big", "tree"):
         assert scalar(db_url, f"SELECT count(*) FROM {table}") == 0
     assert scalar(db_url, "SELECT count(*) FROM audit_log") == 0  # no DELETE trigger fired
@@ -614,18 +620,35 @@ def test_rows_hidden_by_row_security_are_still_emptied(
 def test_sequence_set_elsewhere_without_being_called_is_restarted(
     isolated: Path, db_url: str
 ) -> None:
-    """is_called = false is not 'at the start': setval(seq, 50, false) must be undone
-    (PostgreSQL 18 reads the state in one query; before 18 it is read per sequence)."""
+    """is_called = false is not 'at the start': setval(seq, 50, false) must be undone.
+    PostgreSQL 18 reads every sequence's state in one query and names it; before 18
+    only reading each sequence would tell, so every sequence never called is set to
+    its start unread, in the same transaction, after everything else."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute("CREATE SEQUENCE moved START 10")
         conn.execute("CREATE TABLE t (id bigint DEFAULT nextval('moved'), n serial)")
         conn.execute("SELECT setval('moved', 50, false)")
+        pg18 = conn.info.server_version >= 180000
     result = dbreset.truncate(settings_for(db_url))
-    assert result.sequences_restarted == ("public.moved",)
+    if pg18:
+        assert result.sequences_restarted == ("public.moved",)
+        assert result.sequences_put_back == 0
+    else:
+        assert result.sequences_restarted == ()
+        assert result.sequences_put_back == 2  # moved and t_n_seq, neither called
     assert scalar(db_url, "SELECT nextval('moved')") == 10
     again = dbreset.truncate(settings_for(db_url))
     assert again.sequences_restarted == ("public.moved",)  # nextval above moved it on
+    assert scalar(db_url, "SELECT nextval('moved')") == 10
+    assert scalar(db_url, "SELECT nextval('moved')") == 11
+    dbreset.truncate(settings_for(db_url))
     assert dbreset.truncate(settings_for(db_url)).sequences_restarted == ()
+    # a dry run reads every sequence, on any version: it names the moved one
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("SELECT setval('moved', 50, false)")
+    dry = dbreset.truncate(settings_for(db_url), dry_run=True)
+    assert dry.sequences_restarted == ("public.moved",)
+    assert scalar(db_url, "SELECT last_value FROM moved") == 50
 
 
 def test_delete_path_as_a_plain_owner_keeps_foreign_key_checks(
@@ -657,3 +680,41 @@ def test_delete_path_as_a_plain_owner_keeps_foreign_key_checks(
         with psycopg.connect(db_url, autocommit=True) as conn:
             conn.execute(f'DROP OWNED BY "{role}"')
         admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+
+
+def test_matviews_follow_what_the_deletes_found(isolated: Path, db_url: str) -> None:
+    """A small table is deleted from without counting it first, so only its DELETE
+    tells whether it had rows: then every populated matview is refreshed; a table
+    with dead rows only (pages left by an earlier DELETE) refreshes only the matviews
+    that are not empty."""
+
+    def filenode(name: str) -> int:
+        return int(scalar(db_url, f"SELECT relfilenode FROM pg_class WHERE relname = '{name}'"))
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE item (id serial PRIMARY KEY, name text)")
+        conn.execute("CREATE MATERIALIZED VIEW item_names AS SELECT name FROM item")
+        conn.execute("CREATE MATERIALIZED VIEW always_one AS SELECT 1 AS one")
+        conn.execute("INSERT INTO item (name) VALUES ('a'), ('b')")
+        conn.execute("REFRESH MATERIALIZED VIEW item_names")
+    assert scalar(db_url, "SELECT count(*) FROM item_names") == 2
+    result = dbreset.truncate(settings_for(db_url))
+    assert _how(result) == {"public.item": "delete"}
+    assert [(t.table, t.rows) for t in result.emptied] == [("public.item", 2)]
+    assert set(result.matviews_refreshed) == {"public.item_names", "public.always_one"}
+    assert scalar(db_url, "SELECT count(*) FROM item_names") == 0
+    assert scalar(db_url, "SELECT pg_relation_size('item')") > 0  # dead rows, until VACUUM
+
+    item_names = filenode("item_names")
+    again = dbreset.truncate(settings_for(db_url))
+    assert again.emptied == ()
+    assert again.matviews_refreshed == ("public.always_one",)  # not empty: maybe stale
+    assert filenode("item_names") == item_names  # empty: left alone
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO item (name) VALUES ('c')")
+    third = dbreset.truncate(settings_for(db_url))
+    assert [(t.table, t.rows, t.how) for t in third.emptied] == [("public.item", 1, "delete")]
+    assert set(third.matviews_refreshed) == {"public.item_names", "public.always_one"}
+    assert third.sequences_restarted == ("public.item_id_seq",)
+    assert scalar(db_url, "INSERT INTO item (name) VALUES ('d') RETURNING id") == 1

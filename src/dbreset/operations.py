@@ -66,6 +66,9 @@ class TruncateResult(Result):
     kept_sequences: tuple[str, ...] = ()
     #: empty tables truncated only because they reference a truncated one
     also_truncated: int = 0
+    #: sequences never called (PostgreSQL before 18 cannot tell cheaply whether
+    #: ``setval(..., false)`` moved one) set to their start without being read
+    sequences_put_back: int = 0
     dry_run: bool = False
     elapsed_ms: float = 0.0
 
@@ -93,15 +96,6 @@ class StatusResult(Result):
     holders: tuple[str, ...]
     settings: dict[str, tuple[str, str]] = field(default_factory=dict)
     problem: str | None = None
-
-
-#: (tables to truncate, tables to delete from in order, sequences, matviews)
-Decision = tuple[
-    list["postgres.Table"],
-    list["postgres.Table"],
-    list["postgres.Sequence_"],
-    list["postgres.Table"],
-]
 
 
 def _ms(start: float) -> float:
@@ -272,10 +266,10 @@ def _truncate_locked(
         conn, schemas=settings.schemas, exclude=settings.exclude, version_table=version_table
     )
 
-    def result(counts: dict[int, int], decision: Decision) -> TruncateResult:
+    def result(counts: dict[int, int], work: postgres.Emptying) -> TruncateResult:
         cap = postgres.ROW_COUNT_CAP
-        truncated, deleted, seqs, views = decision
-        how = {t.oid: "delete" for t in deleted}
+        counts = {**counts, **work.deleted}
+        deleted = {t.oid for t in work.delete}
         return TruncateResult(
             target=target.masked_url,
             emptied=tuple(
@@ -283,36 +277,74 @@ def _truncate_locked(
                     t.qualified,
                     min(counts[t.oid], cap),
                     counts[t.oid] > cap,
-                    how.get(t.oid, "truncate"),
+                    "delete" if t.oid in deleted else "truncate",
                 )
                 for t in plan.tables
                 if counts.get(t.oid)
             ),
             tables_checked=len(plan.tables),
-            sequences_restarted=tuple(s.qualified for s in seqs),
-            matviews_refreshed=tuple(v.qualified for v in views),
+            sequences_restarted=tuple(s.qualified for s in work.restart),
+            matviews_refreshed=tuple(v.qualified for v in work.matviews),
             excluded=plan.excluded,
             kept_sequences=plan.kept_sequences,
-            also_truncated=sum(1 for t in truncated if not counts.get(t.oid)),
+            also_truncated=sum(1 for t in work.truncate if not counts.get(t.oid)),
+            sequences_put_back=len(work.put_back),
             dry_run=dry_run,
             elapsed_ms=_ms(start),
         )
 
-    def decide(counts: dict[int, int]) -> Decision:
-        dirty = [t for t in plan.tables if counts.get(t.oid, 0) or t.has_truncate_trigger]
-        truncated, deleted = plan.split(dirty, counts)
-        restart = postgres.dirty_sequences(conn, plan.sequences)
-        seqs = [s for s in plan.sequences if s.oid in restart]
-        if dirty:
-            views = list(plan.matviews)
+    def decide() -> tuple[dict[int, int], postgres.Emptying]:
+        """Which tables hold rows, and what empties them.
+
+        Tables with pages are counted, except the small ones that DELETE would
+        empty (their DELETE tells how many rows it removed). A dry run counts
+        them all.
+        """
+        pages = postgres.file_pages(conn, plan.tables)
+        small = {
+            t.oid
+            for t in plan.tables
+            if 0 < pages.get(t.oid, 0) <= postgres.DELETE_MAX_PAGES and plan.deletable(t)
+        }
+        presumed = set() if dry_run else small
+        counted = [t for t in plan.tables if t.oid in pages and t.oid not in presumed]
+        counts = postgres.row_counts(conn, counted)
+        dirty = [
+            t
+            for t in plan.tables
+            if t.oid in presumed or counts.get(t.oid) or t.has_truncate_trigger
+        ]
+        truncated, deleted = plan.split(dirty, small)
+        # small tables that end up truncated after all: count them for the report
+        counts.update(postgres.row_counts(conn, [t for t in truncated if t.oid in presumed]))
+        put_back: list[postgres.Sequence_] = []
+        if dry_run or postgres.reads_sequence_state(conn):
+            restart = postgres.dirty_sequences(conn, plan.sequences)
+        else:
+            restart = postgres.called_sequences(conn, plan.sequences)
+            put_back = [s for s in plan.sequences if s.oid not in restart]
+        work = postgres.Emptying(
+            truncate=truncated,
+            delete=deleted,
+            restart=[s for s in plan.sequences if s.oid in restart],
+            put_back=put_back,
+        )
+        # Emptying a table with rows makes every materialized view stale; else
+        # only those that are not empty are.
+        if any(t.oid not in presumed or counts.get(t.oid) for t in dirty):
+            work.matviews = list(plan.matviews)
+        elif dirty:
+            work.matviews_unless_clean = plan.matviews
         else:
             stale = postgres.nonempty_matviews(conn, plan.matviews)
-            views = [v for v in plan.matviews if v.oid in stale]
-        return truncated, deleted, seqs, views
+            work.matviews = [v for v in plan.matviews if v.oid in stale]
+        return counts, work
 
     if dry_run:
-        counts = postgres.row_counts(conn, plan.tables)
-        return result(counts, decide(counts))
+        counts, work = decide()
+        # what the DELETEs would report: the rows counted
+        work.deleted.update({t.oid: counts.get(t.oid, 0) for t in work.delete})
+        return result(counts, work)
 
     try:
         with conn.transaction():
@@ -323,12 +355,8 @@ def _truncate_locked(
                     )
                 )
                 conn.execute(postgres.lock_statement(plan.tables))
-            counts = postgres.row_counts(conn, plan.tables)
-            decision = decide(counts)
-            truncated, deleted, seqs, views = decision
-            statements = postgres.empty_statements(truncated, seqs, views, deleted)
-            if statements:
-                conn.execute(sql.SQL(";\n").join(statements))
+            counts, work = decide()
+            work.run(conn)
     except psycopg.errors.LockNotAvailable:
         holders = postgres.blockers(conn, plan.tables)
         named = "; ".join(h.describe() for h in holders) or "they have gone since; try again"
@@ -352,7 +380,7 @@ def _truncate_locked(
             f"cannot empty {target.dbname!r}: {exc.diag.message_primary or exc}; "
             "nothing was changed"
         ) from None
-    return result(counts, decision)
+    return result(counts, work)
 
 
 # --------------------------------------------------------------------------- verbs
@@ -496,7 +524,8 @@ def status(settings: Settings) -> StatusResult:
                 exclude=settings.exclude,
                 version_table=version_table,
             )
-            counts = postgres.row_counts(conn, plan.tables)
+            pages = postgres.file_pages(conn, plan.tables)
+            counts = postgres.row_counts(conn, [t for t in plan.tables if t.oid in pages])
             cap = postgres.ROW_COUNT_CAP
             nonempty = tuple(
                 TableRows(t.qualified, min(counts[t.oid], cap), counts[t.oid] > cap)

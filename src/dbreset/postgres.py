@@ -1,6 +1,7 @@
 """All SQL text: catalog queries, the truncation plan and its statements.
 
-Every identifier is quoted with ``psycopg.sql.Identifier``.
+Every identifier is quoted with ``psycopg.sql.Identifier``, once per relation,
+when the plan is made (see :func:`quote`); statements are joined from those.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ if TYPE_CHECKING:
 ROW_COUNT_CAP = 100_000
 
 
-#: Dirty tables with at most this many rows are emptied with DELETE when that is
-#: equivalent (no DELETE triggers or rules, no row security): a TRUNCATE costs
-#: about a millisecond per table, empty or not, and must take every table that
-#: references it along.
-DELETE_MAX_ROWS = 1000
+#: Tables whose files hold at most this many pages (8 kB each) are emptied with
+#: DELETE, without counting their rows first, when that is equivalent (no DELETE
+#: triggers or rules, no row security): a TRUNCATE costs about a millisecond per
+#: table, empty or not, and must take every table that references it along.
+DELETE_MAX_PAGES = 8
 
 
 @dataclass(frozen=True)
@@ -41,14 +42,12 @@ class Table:
     delete_differs: bool = False
     #: row-level security: a count may not see every row, so it is never trusted
     row_security: bool = False
+    #: ``"schema"."name"``, quoted by :func:`quote`
+    quoted: str = ""
 
     @property
     def qualified(self) -> str:
         return f"{self.schema}.{self.name}"
-
-    @property
-    def ident(self) -> sql.Identifier:
-        return sql.Identifier(self.schema, self.name)
 
 
 @dataclass(frozen=True)
@@ -60,14 +59,16 @@ class Sequence_:
     owner: bool
     can_update: bool
     can_select: bool
+    quoted: str = ""
 
     @property
     def qualified(self) -> str:
         return f"{self.schema}.{self.name}"
 
-    @property
-    def ident(self) -> sql.Identifier:
-        return sql.Identifier(self.schema, self.name)
+
+def quote(conn: psycopg.Connection[Any], schema: str, name: str) -> str:
+    """``"schema"."name"``, escaped by libpq for the connection's encoding."""
+    return sql.Identifier(schema, name).as_string(conn)
 
 
 @dataclass(frozen=True)
@@ -98,24 +99,26 @@ class Plan:
                     todo.append(src)
         return [t for t in self.tables if t.oid in wanted]
 
-    def split(
-        self, dirty: Sequence[Table], counts: dict[int, int]
-    ) -> tuple[list[Table], list[Table]]:
+    def deletable(self, table: Table) -> bool:
+        """Whether DELETE ends where TRUNCATE would: no DELETE trigger or rule, no
+        row security, no ON TRUNCATE trigger, not a self-reference that restricts."""
+        return not (
+            table.delete_differs
+            or table.has_truncate_trigger
+            or table.row_security
+            or table.oid in self.awkward_self_refs
+        )
+
+    def split(self, dirty: Sequence[Table], small: set[int]) -> tuple[list[Table], list[Table]]:
         """Which dirty tables to TRUNCATE and which to DELETE from, in order.
 
-        DELETE is used where it ends in the same state as TRUNCATE: few rows, no
-        DELETE trigger or rule, no row security, no ON TRUNCATE trigger, and no
-        cycle of foreign keys among the tables deleted from. Tables referencing a
-        truncated table are truncated with it. Deletes run referencing tables first,
-        so every foreign-key check finds nothing left pointing at a deleted row.
+        DELETE is used for the *small* tables (few pages) that are
+        :meth:`deletable`, unless a cycle of foreign keys runs among them. Tables
+        referencing a truncated table are truncated with it. Deletes run
+        referencing tables first, so every foreign-key check finds nothing left
+        pointing at a deleted row.
         """
-        deletable = {
-            t.oid
-            for t in dirty
-            if counts.get(t.oid, 0) <= DELETE_MAX_ROWS
-            and not (t.delete_differs or t.has_truncate_trigger or t.row_security)
-            and t.oid not in self.awkward_self_refs
-        }
+        deletable = {t.oid for t in dirty if t.oid in small and self.deletable(t)}
         truncate = {t.oid for t in dirty} - deletable
         while True:
             truncate = {t.oid for t in self.closure(t for t in self.tables if t.oid in truncate)}
@@ -174,49 +177,46 @@ class Plan:
 
 # --------------------------------------------------------------------------- catalog
 
+#: Tables, partitions and populated materialized views of the chosen schemas.
 #: tgtype bits: 8 = DELETE, 32 = TRUNCATE. Triggers of partitions count for the root.
+#: A superuser is not asked about privileges (it has them all), which spares a
+#: catalog lookup per table in a new session.
 TABLES_SQL = """
 WITH trig AS (
     SELECT coalesce(pg_partition_root(t.tgrelid), t.tgrelid) AS rel,
            bool_or((t.tgtype & 32) <> 0) AS on_truncate, bool_or((t.tgtype & 8) <> 0) AS on_delete
     FROM pg_trigger t WHERE NOT t.tgisinternal GROUP BY 1
+), delete_rules AS (
+    SELECT DISTINCT ev_class AS rel FROM pg_rewrite WHERE ev_type = '4'
 )
-SELECT c.oid, n.nspname, c.relname, c.relkind = 'p', c.relispartition,
-       coalesce(pg_partition_root(c.oid), c.oid)::oid,
+SELECT c.oid, n.nspname, c.relname, c.relkind, c.relispartition,
+       CASE WHEN c.relispartition THEN pg_partition_root(c.oid) ELSE c.oid END,
        coalesce(trig.on_truncate, false),
-       coalesce(trig.on_delete, false)
-         OR EXISTS (SELECT FROM pg_rewrite r WHERE r.ev_class = c.oid AND r.ev_type = '4')
-         OR NOT has_table_privilege(c.oid, 'DELETE'),
+       coalesce(trig.on_delete, false) OR delete_rules.rel IS NOT NULL
+         OR NOT ((SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+                 OR has_table_privilege(c.oid, 'DELETE')),
        c.relrowsecurity
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN trig ON trig.rel = c.oid
-WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't'
-  AND n.nspname = ANY(%(schemas)s)
+LEFT JOIN delete_rules ON delete_rules.rel = c.oid
+WHERE (c.relkind IN ('r', 'p') OR c.relkind = 'm' AND c.relispopulated)
+  AND c.relpersistence <> 't' AND n.nspname = ANY(%(schemas)s)
 ORDER BY n.nspname, c.relname
 """
 
-MATVIEWS_SQL = """
-SELECT c.oid, n.nspname, c.relname
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind = 'm' AND c.relispopulated AND n.nspname = ANY(%(schemas)s)
-ORDER BY n.nspname, c.relname
-"""
-
-#: Foreign keys that point at one of the given relations (or their partitions).
+#: Foreign keys that point at one of the given relations (or their partitions),
+#: partitions mapped to their roots.
 REFERENCES_SQL = """
 WITH fk AS (
-    SELECT coalesce(pg_partition_root(conrelid), conrelid) AS src,
-           coalesce(pg_partition_root(confrelid), confrelid) AS dst, confdeltype AS action
-    FROM pg_constraint WHERE contype = 'f'
+    SELECT CASE WHEN r.relispartition THEN pg_partition_root(r.oid) ELSE r.oid END AS src,
+           CASE WHEN t.relispartition THEN pg_partition_root(t.oid) ELSE t.oid END AS dst,
+           k.confdeltype AS action
+    FROM pg_constraint k
+    JOIN pg_class r ON r.oid = k.conrelid
+    JOIN pg_class t ON t.oid = k.confrelid
+    WHERE k.contype = 'f'
 )
-SELECT DISTINCT fk.src::oid, fk.dst::oid, rn.nspname, r.relname, tn.nspname, t.relname,
-       fk.action
-FROM fk
-JOIN pg_class r ON r.oid = fk.src
-JOIN pg_namespace rn ON rn.oid = r.relnamespace
-JOIN pg_class t ON t.oid = fk.dst
-JOIN pg_namespace tn ON tn.oid = t.relnamespace
-WHERE fk.dst = ANY(%(oids)s)
+SELECT DISTINCT fk.src::oid, fk.dst::oid, fk.action FROM fk WHERE fk.dst = ANY(%(oids)s)
 """
 
 #: Sequences owned by (serial, identity) or used in column defaults of one of the
@@ -234,11 +234,13 @@ WITH uses AS (
 ), agg AS (
     SELECT seq, array_agg(DISTINCT rel) AS rels, bool_or(rel = ANY(%(oids)s::oid[])) AS ours
     FROM uses GROUP BY seq
+), su AS (
+    SELECT rolsuper FROM pg_roles WHERE rolname = current_user
 )
 SELECT s.oid, n.nspname, s.relname, ps.seqstart,
-       pg_has_role(s.relowner, 'USAGE'),
-       has_sequence_privilege(s.oid, 'UPDATE'),
-       has_sequence_privilege(s.oid, 'SELECT'),
+       (SELECT rolsuper FROM su) OR pg_has_role(s.relowner, 'USAGE'),
+       (SELECT rolsuper FROM su) OR has_sequence_privilege(s.oid, 'UPDATE'),
+       (SELECT rolsuper FROM su) OR has_sequence_privilege(s.oid, 'SELECT'),
        agg.rels
 FROM agg
 JOIN pg_class s ON s.oid = agg.seq AND s.relkind = 'S'
@@ -254,7 +256,11 @@ def _names(conn: psycopg.Connection[Any], known: dict[int, Any], oids: list[int]
     names = [f"{known[o][1]}.{known[o][2]}" for o in oids if o in known]
     unknown = [o for o in oids if o not in known]
     if unknown:
-        rows = conn.execute("SELECT oid::regclass::text FROM unnest(%s::oid[]) AS oid", (unknown,))
+        rows = conn.execute(
+            "SELECT n.nspname || '.' || c.relname FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = ANY(%s::oid[])",
+            (unknown,),
+        )
         names.extend(name for (name,) in rows)
     return sorted(names)
 
@@ -275,7 +281,8 @@ def plan_truncate(
 ) -> Plan:
     """Decide what to empty; refuse (TruncateError) when CASCADE would reach a table
     that is excluded or outside *schemas*."""
-    rows = conn.execute(TABLES_SQL, {"schemas": list(schemas)}).fetchall()
+    relations = conn.execute(TABLES_SQL, {"schemas": list(schemas)}).fetchall()
+    rows = [row for row in relations if row[3] != "m"]
     by_oid = {row[0]: row for row in rows}
     chosen: dict[int, Table] = {}
     excluded: dict[int, str] = {}
@@ -285,9 +292,10 @@ def plan_truncate(
             excluded[oid] = f"{schema}.{name} (Alembic version table)"
         elif pattern := _matches(schema, name, exclude):
             excluded[oid] = f"{schema}.{name} (--exclude {pattern!r})"
-    for oid, schema, name, partitioned, is_partition, _, on_trunc, on_del, rls in rows:
+    for oid, schema, name, kind, is_partition, _, on_trunc, on_del, rls in rows:
         if oid not in excluded and not is_partition:
-            chosen[oid] = Table(oid, schema, name, partitioned, on_trunc, on_del, rls)
+            quoted = quote(conn, schema, name)
+            chosen[oid] = Table(oid, schema, name, kind == "p", on_trunc, on_del, rls, quoted)
     # Partitions follow their root: emptied with it, kept with it. An excluded
     # partition of a root that is emptied would be emptied anyway.
     for oid, label in excluded.items():
@@ -299,7 +307,7 @@ def plan_truncate(
     awkward_self_refs: set[int] = set()
     if chosen:
         refs = conn.execute(REFERENCES_SQL, {"oids": list(chosen)}).fetchall()
-        for src, dst, src_schema, src_name, _, _, action in refs:
+        for src, dst, action in refs:
             if src == dst:
                 if action == "r":
                     awkward_self_refs.add(src)
@@ -307,7 +315,7 @@ def plan_truncate(
             if src in chosen:
                 referenced_by.setdefault(dst, set()).add(src)
                 continue
-            why = excluded.get(src) or f"{src_schema}.{src_name} (outside --schema)"
+            why = excluded.get(src) or f"{_names(conn, by_oid, [src])[0]} (outside --schema)"
             problems.append(
                 f"{why} references {chosen[dst].qualified}: emptying it would empty them too"
             )
@@ -331,7 +339,8 @@ def plan_truncate(
                 users = ", ".join(_names(conn, by_oid, sorted(roots - chosen_oids)))
                 kept.append(f"{schema}.{name} (also used by a kept table: {users})")
                 continue
-            sequences.append(Sequence_(oid, schema, name, start, owner, upd, sel))
+            quoted = quote(conn, schema, name)
+            sequences.append(Sequence_(oid, schema, name, start, owner, upd, sel, quoted))
         for seq in sequences:
             if not seq.owner and not seq.can_update:
                 raise TruncateError(
@@ -339,8 +348,9 @@ def plan_truncate(
                     "run as its owner or GRANT UPDATE ON SEQUENCE to this role"
                 )
     matviews = tuple(
-        Table(oid, schema, name)
-        for oid, schema, name in conn.execute(MATVIEWS_SQL, {"schemas": list(schemas)})
+        Table(oid, schema, name, quoted=quote(conn, schema, name))
+        for oid, schema, name, kind, *_ in relations
+        if kind == "m"
     )
     return Plan(
         tables=tuple(chosen.values()),
@@ -356,44 +366,50 @@ def plan_truncate(
 # --------------------------------------------------------------------------- state
 
 
-#: Tables whose files hold anything; a partitioned table by its partitions' files.
-NONEMPTY_FILES_SQL = """
-SELECT t.oid FROM unnest(%(plain)s::oid[]) AS t(oid) WHERE pg_relation_size(t.oid) > 0
+#: Pages in the files of tables that have any; a partitioned table's are its
+#: leaf partitions'. A table whose files are empty has no rows, committed or not.
+FILE_PAGES_SQL = """
+SELECT t.oid, pg_relation_size(t.oid) / current_setting('block_size')::int
+FROM unnest(%(plain)s::oid[]) AS t(oid) WHERE pg_relation_size(t.oid) > 0
 UNION ALL
-SELECT t.oid FROM unnest(%(partitioned)s::oid[]) AS t(oid)
-WHERE EXISTS (SELECT FROM pg_partition_tree(t.oid) p
-              WHERE p.isleaf AND pg_relation_size(p.relid) > 0)
+SELECT t.oid, sum(pg_relation_size(p.relid)) / current_setting('block_size')::int
+FROM unnest(%(partitioned)s::oid[]) AS t(oid), pg_partition_tree(t.oid) AS p
+WHERE p.isleaf GROUP BY t.oid HAVING sum(pg_relation_size(p.relid)) > 0
 """
 
 
-def row_counts(conn: psycopg.Connection[Any], tables: Sequence[Table]) -> dict[int, int]:
-    """Rows per table, counted up to ROW_COUNT_CAP + 1, in two round trips.
+def file_pages(conn: psycopg.Connection[Any], tables: Sequence[Table]) -> dict[int, int]:
+    """Pages per table, for the tables whose files hold any (one round trip).
 
-    A table whose files are empty has no rows, committed or not: only the
-    others are counted (a TRUNCATE leaves empty files, a DELETE does not).
-    Call it with the tables locked, or the answer may be stale at once.
+    A TRUNCATE leaves empty files; a DELETE leaves pages until VACUUM, so a
+    table with pages may still have no rows. Call it with the tables locked.
     """
     if not tables:
         return {}
     rows = conn.execute(
-        NONEMPTY_FILES_SQL,
+        FILE_PAGES_SQL,
         {
             "plain": [t.oid for t in tables if not t.partitioned],
             "partitioned": [t.oid for t in tables if t.partitioned],
         },
     ).fetchall()
-    nonempty = {oid for (oid,) in rows}
-    counts = dict.fromkeys((t.oid for t in tables), 0)
-    candidates = [t for t in tables if t.oid in nonempty]
-    if candidates:
-        parts = [
-            sql.SQL("SELECT {oid}::oid, count(*) FROM (SELECT FROM {t} LIMIT {cap}) s").format(
-                oid=sql.Literal(t.oid), t=t.ident, cap=sql.Literal(ROW_COUNT_CAP + 1)
-            )
-            for t in candidates
-        ]
-        counts.update(conn.execute(sql.SQL(" UNION ALL ").join(parts)).fetchall())
-    for t in candidates:
+    return {oid: int(pages) for oid, pages in rows}
+
+
+def row_counts(conn: psycopg.Connection[Any], tables: Sequence[Table]) -> dict[int, int]:
+    """Rows per table, counted up to ROW_COUNT_CAP + 1, in one round trip.
+
+    Pass only tables whose files hold pages (:func:`file_pages`); the others
+    have no rows. Call it with the tables locked, or the answer may be stale at once.
+    """
+    if not tables:
+        return {}
+    cap = ROW_COUNT_CAP + 1
+    query = " UNION ALL ".join(
+        f"SELECT {t.oid}::oid, count(*) FROM (SELECT FROM {t.quoted} LIMIT {cap}) s" for t in tables
+    )
+    counts: dict[int, int] = dict(conn.execute(sql.SQL(query)).fetchall())
+    for t in tables:
         if t.row_security and not counts[t.oid]:
             counts[t.oid] = 1  # rows we may not see: treat as dirty, TRUNCATE sees all
     return counts
@@ -412,54 +428,65 @@ SELECT s FROM unnest(%(oids)s::oid[]) AS s WHERE pg_sequence_last_value(s) IS NO
 """
 
 
+def reads_sequence_state(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the server tells a sequence's state in one query (PostgreSQL 18+)."""
+    return conn.info.server_version >= 180000
+
+
+def called_sequences(conn: psycopg.Connection[Any], sequences: Sequence[Sequence_]) -> set[int]:
+    """Before PostgreSQL 18: the sequences that were called since they were
+    created or restarted (one query), and those that cannot be read (unknown
+    counts as dirty). Each of the others has ``is_called = false``: it is at its
+    start, unless ``setval(..., false)`` put it elsewhere, which only reading
+    the sequence itself tells (see :func:`dirty_sequences`)."""
+    readable = [s.oid for s in sequences if s.can_select]
+    dirty = {s.oid for s in sequences if not s.can_select}
+    if readable:
+        dirty.update(oid for (oid,) in conn.execute(SEQUENCE_CALLED_SQL, {"oids": readable}))
+    return dirty
+
+
 def dirty_sequences(conn: psycopg.Connection[Any], sequences: Sequence[Sequence_]) -> set[int]:
     """Sequences whose next value is not their start value (unknown counts as dirty).
 
-    One query on PostgreSQL 18 and later. Before, ``pg_sequence_last_value``
-    only tells whether a sequence was called; the others are read, in one more
-    query, in case a ``setval(..., false)`` left them elsewhere than at their start.
+    One query on PostgreSQL 18 and later. Before, :func:`called_sequences`,
+    then each of the others is read, in one more query (a few hundredths of a
+    millisecond per sequence), in case a ``setval(..., false)`` left it
+    elsewhere than at its start.
     """
     readable = [s for s in sequences if s.can_select]
-    dirty = {s.oid for s in sequences if not s.can_select}
-    if not readable:
+    if reads_sequence_state(conn):
+        dirty = {s.oid for s in sequences if not s.can_select}
+        if readable:
+            params = {"oids": [s.oid for s in readable], "starts": [s.start for s in readable]}
+            dirty.update(oid for (oid,) in conn.execute(SEQUENCE_STATE_SQL, params))
         return dirty
-    oids = [s.oid for s in readable]
-    if conn.info.server_version >= 180000:
-        starts = [s.start for s in readable]
-        rows = conn.execute(SEQUENCE_STATE_SQL, {"oids": oids, "starts": starts}).fetchall()
-        return dirty | {oid for (oid,) in rows}
-    dirty.update(oid for (oid,) in conn.execute(SEQUENCE_CALLED_SQL, {"oids": oids}))
+    dirty = called_sequences(conn, sequences)
     unsure = [s for s in readable if s.oid not in dirty]
     if unsure:
-        parts = [
-            sql.SQL("SELECT {oid}::oid FROM {s} WHERE is_called OR last_value <> {start}").format(
-                oid=sql.Literal(s.oid), s=s.ident, start=sql.Literal(s.start)
-            )
+        query = " UNION ALL ".join(
+            f"SELECT {s.oid}::oid FROM {s.quoted} WHERE is_called OR last_value <> {s.start}"
             for s in unsure
-        ]
-        dirty.update(oid for (oid,) in conn.execute(sql.SQL(" UNION ALL ").join(parts)))
+        )
+        dirty.update(oid for (oid,) in conn.execute(sql.SQL(query)))
     return dirty
 
 
 def nonempty_matviews(conn: psycopg.Connection[Any], matviews: Sequence[Table]) -> set[int]:
     if not matviews:
         return set()
-    parts = [
-        sql.SQL("SELECT {oid}::oid WHERE EXISTS (SELECT FROM {m})").format(
-            oid=sql.Literal(m.oid), m=m.ident
-        )
-        for m in matviews
-    ]
-    return {oid for (oid,) in conn.execute(sql.SQL(" UNION ALL ").join(parts))}
+    query = " UNION ALL ".join(
+        f"SELECT {m.oid}::oid WHERE EXISTS (SELECT FROM {m.quoted})" for m in matviews
+    )
+    return {oid for (oid,) in conn.execute(sql.SQL(query))}
 
 
 # --------------------------------------------------------------------------- statements
 
 
-def lock_statement(tables: Sequence[Table]) -> sql.Composed:
-    return sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
-        sql.SQL(", ").join(t.ident for t in tables)
-    )
+def lock_statement(tables: Sequence[Table]) -> sql.SQL:
+    names = ", ".join(t.quoted for t in tables)
+    return sql.SQL(f"LOCK TABLE {names} IN ACCESS EXCLUSIVE MODE")
 
 
 #: SET LOCAL session_replication_role, for a superuser only (anyone else: a no-op).
@@ -467,45 +494,88 @@ REPLICA_SQL = """SELECT set_config('session_replication_role', '{role}', true)
 WHERE (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)"""
 
 
-def empty_statements(
-    tables: Sequence[Table],
-    sequences: Sequence[Sequence_],
-    matviews: Sequence[Table],
-    deletes: Sequence[Table] = (),
-) -> list[sql.Composed]:
-    """TRUNCATE (no CASCADE: the plan proved it is not needed, and PostgreSQL
-    checks again), DELETE in the order given, transactional sequence restarts,
-    matview refreshes; then
-    ``setval`` for sequences we do not own, last, as it cannot be rolled back."""
-    statements: list[sql.Composed] = []
-    if tables:
-        statements.append(
-            sql.SQL("TRUNCATE TABLE {}").format(sql.SQL(", ").join(t.ident for t in tables))
-        )
-    if deletes:
-        # Every table that references a table deleted from is empty or emptied in
-        # this transaction (the plan refuses otherwise), so the foreign-key
-        # triggers of these DELETEs can find nothing; in a new session each of them
-        # plans its query first (~1 ms per foreign key). A superuser skips them
-        # (replica mode; tables with DELETE triggers or rules are never deleted from).
-        statements.append(sql.Composed([sql.SQL(REPLICA_SQL.format(role="replica"))]))
-    for table in deletes:
-        statements.append(sql.SQL("DELETE FROM {}").format(table.ident))
-    if deletes:
-        statements.append(sql.Composed([sql.SQL(REPLICA_SQL.format(role="origin"))]))
-    for seq in sequences:
-        if seq.owner:
-            statements.append(sql.SQL("ALTER SEQUENCE {} RESTART").format(seq.ident))
-    for view in matviews:
-        statements.append(sql.SQL("REFRESH MATERIALIZED VIEW {}").format(view.ident))
-    for seq in sequences:
-        if not seq.owner:
-            statements.append(
-                sql.SQL("SELECT setval({}::oid::regclass, {}, false)").format(
-                    sql.Literal(seq.oid), sql.Literal(seq.start)
-                )
+@dataclass
+class Emptying:
+    """What one transaction does to empty the tables, and what it found doing it."""
+
+    truncate: Sequence[Table] = ()
+    #: deleted from in this order (referencing tables first)
+    delete: Sequence[Table] = ()
+    #: sequences to restart
+    restart: Sequence[Sequence_] = ()
+    matviews: Sequence[Table] = ()
+    #: populated materialized views, when only the DELETEs tell whether any
+    #: table had rows: refreshed if one had, else those that are not empty
+    matviews_unless_clean: Sequence[Table] = ()
+    #: sequences never called (before PostgreSQL 18): set to their start unread
+    put_back: Sequence[Sequence_] = ()
+    #: after :meth:`run`: rows deleted, per table oid
+    deleted: dict[int, int] = field(default_factory=dict)
+
+    def _emptying(self) -> list[str]:
+        """TRUNCATE (no CASCADE: the plan proved it is not needed, and PostgreSQL
+        checks again), DELETE in the order given, transactional sequence restarts."""
+        out: list[str] = []
+        if self.truncate:
+            out.append("TRUNCATE TABLE " + ", ".join(t.quoted for t in self.truncate))
+        if self.delete:
+            # Every table that references a table deleted from is empty or emptied in
+            # this transaction (the plan refuses otherwise), so the foreign-key
+            # triggers of these DELETEs can find nothing; in a new session each of
+            # them plans its query first (~1 ms per foreign key). A superuser skips
+            # them (replica mode; tables with DELETE triggers or rules are never
+            # deleted from).
+            out.append(REPLICA_SQL.format(role="replica"))
+            out.extend(f"DELETE FROM {t.quoted}" for t in self.delete)
+            out.append(REPLICA_SQL.format(role="origin"))
+        out.extend(f"ALTER SEQUENCE {s.quoted} RESTART" for s in self.restart if s.owner)
+        return out
+
+    def _last(self) -> list[str]:
+        """Matview refreshes; then ``setval``, which cannot be rolled back, last:
+        for the sequences we do not own and the sequences *put_back*."""
+        out = [f"REFRESH MATERIALIZED VIEW {v.quoted}" for v in self.matviews]
+        # A sequence with is_called = false set to its start is unchanged if it was
+        # there already: doing it unread, and doing it again, is safe, and cheaper
+        # than reading each sequence before PostgreSQL 18.
+        setval = [s for s in self.restart if not s.owner] + list(self.put_back)
+        if setval:
+            oids = ",".join(str(s.oid) for s in setval)
+            starts = ",".join(str(s.start) for s in setval)
+            out.append(
+                "SELECT count(setval(t.oid, t.start, false)) FROM "
+                f"unnest('{{{oids}}}'::oid[], '{{{starts}}}'::bigint[]) AS t(oid, start)"
             )
-    return statements
+        return out
+
+    def statements(self) -> list[str]:
+        return self._emptying() + self._last()
+
+    def run(self, conn: psycopg.Connection[Any]) -> None:
+        """In one round trip (two when the matviews wait for the DELETEs); reads
+        each DELETE's row count."""
+        if self.matviews_unless_clean:
+            self._execute(conn, self._emptying())
+            if any(self.deleted.values()):
+                self.matviews = list(self.matviews_unless_clean)
+            else:
+                stale = nonempty_matviews(conn, self.matviews_unless_clean)
+                self.matviews = [v for v in self.matviews_unless_clean if v.oid in stale]
+            self._execute(conn, self._last())
+        else:
+            self._execute(conn, self.statements())
+
+    def _execute(self, conn: psycopg.Connection[Any], statements: list[str]) -> None:
+        if not statements:
+            return
+        cursor = conn.execute(sql.SQL(";\n".join(statements)))
+        deletes = iter(self.delete)
+        while True:
+            status = cursor.statusmessage or ""
+            if status.startswith("DELETE "):
+                self.deleted[next(deletes).oid] = int(status.split()[1])
+            if not cursor.nextset():
+                break
 
 
 BLOCKERS_SQL = """
