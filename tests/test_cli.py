@@ -257,3 +257,123 @@ def test_two_processes_at_once_both_succeed(project: Path, db_url: str) -> None:
 def test_status_of_a_server_default_database(project: Path, server_url: str) -> None:
     code, out, err = run("status", "--url", with_dbname(server_url, "postgres"))
     assert code == 0, err and "PostgreSQL" in out
+
+
+# --------------------------------------------------------------------------- plain lines
+
+PLAIN_OPTIONS = [
+    ["--url", "postgresql://u:p%40ss@127.0.0.1/app_test"],
+    ["--url=postgresql://127.0.0.1/a=b"],
+    ["-c", "conf/alembic.ini"],
+    ["--config", "alembic.ini"],
+    ["--config="],
+    ["--wait", "0"],
+    ["--wait=2.5"],
+    ["--wait", "1e-1"],
+    ["--wait", "-1"],
+    ["--wait", "inf"],
+    ["--schema", "public"],
+    ["--schema=audit"],
+    ["--exclude", "country_*"],
+    ["--exclude", "--yes"],
+    ["--yes"],
+    ["-y"],
+    ["--dry-run"],
+    ["--create"],
+    ["--json"],
+    ["--allow-remote"],
+    ["-q"],
+    ["--quiet"],
+    ["-v"],
+    ["--verbose"],
+]
+
+TYPER_ONLY = [
+    [],
+    ["status"],
+    ["--version"],
+    ["reset", "--help"],
+    ["reset", "-h"],
+    ["reset", "-yq"],
+    ["reset", "-c=alembic.ini"],
+    ["reset", "--yes=1"],
+    ["reset", "--wait", "soon"],
+    ["reset", "--url"],
+    ["reset", "--url", "a", "--url", "b"],
+    ["reset", "--yes", "--yes"],
+    ["reset", "--no-yes"],
+    ["reset", "--", "--yes"],
+    ["reset", "extra"],
+    ["migrate", "--schema", "public"],
+    ["truncate", "--create"],
+    ["--url", "x", "reset"],
+]
+
+
+def typer_reads(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> object:
+    """What the Typer app hands to ``execute`` for *argv* (None: it did not)."""
+    from dbreset import cli
+
+    calls: list[object] = []
+    monkeypatch.setattr(cli, "execute", lambda call: calls.append(call) or 0)
+    CliRunner().invoke(app, argv, catch_exceptions=False)
+    return calls[0] if calls else None
+
+
+def plain_lines() -> list[list[str]]:
+    """Every option alone, in pairs and in a few long lines, for each command."""
+    import random
+
+    lines = []
+    picker = random.Random(5)
+    for command in ("migrate", "truncate", "reset"):
+        lines += [[command]] + [[command, *opt] for opt in PLAIN_OPTIONS]
+        for _ in range(60):
+            options = picker.sample(PLAIN_OPTIONS, picker.randint(2, 7))
+            lines.append([command, *(part for opt in options for part in opt)])
+    return lines
+
+
+def test_plain_lines_are_read_as_typer_reads_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dbreset.console import parse_plain
+
+    read = 0
+    for argv in plain_lines():
+        plain = parse_plain(argv)
+        if plain is not None:
+            read += 1
+            assert plain == typer_reads(argv, monkeypatch), argv
+    assert read > 100  # most plain lines are read without Typer
+    for argv in (
+        ["reset", "--yes"],
+        ["reset", "--yes", "-q", "--url", "postgresql://127.0.0.1/a", "-c", "alembic.ini"],
+        ["truncate", "-y", "--schema", "public", "--schema", "audit", "--exclude", "c_*"],
+        ["migrate", "--json", "--wait", "3"],
+    ):
+        assert parse_plain(argv) == typer_reads(argv, monkeypatch) != None  # noqa: E711
+    for argv in TYPER_ONLY:
+        assert parse_plain(argv) is None, argv
+
+
+def test_a_plain_reset_does_not_import_typer(tmp_path: Path) -> None:
+    script = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('typer' in sys.modules))\n"
+        "from dbreset.console import main\n"
+        "main()\n"
+    )
+    unreachable = "postgresql://nobody@127.0.0.1:9/nothing"
+    for argv, typer_loaded, code in (
+        (["truncate", "--yes", "--url", unreachable], "False", 4),
+        (["truncate", "--url", unreachable, "--help"], "True", 0),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", script, *argv],
+            cwd=tmp_path,
+            env=proc_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == code, done.stderr
+        assert done.stdout.strip().splitlines()[-1] == typer_loaded

@@ -1,5 +1,5 @@
 from __future__ import annotations
 
-from dbreset.cli import main
+from dbreset.console import main
 
 main()

@@ -1,22 +1,19 @@
-"""The ``dbreset`` command line: resolve settings → one library call → render.
+"""The ``dbreset`` Typer app: every command, option, help text and prompt.
 
-This is the one place where errors become exit codes.
+Each command turns its options into an :class:`~dbreset.console.Invocation`
+and hands it to :func:`dbreset.console.execute`, the one place where errors
+become exit codes.
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
 import typer
 
 from dbreset import __version__
-
-if TYPE_CHECKING:
-    from dbreset.operations import Result
-    from dbreset.settings import Settings
+from dbreset.console import Invocation, execute, setting_flags
 
 EPILOG = """\
 \b
@@ -112,70 +109,10 @@ def _root(
     """Put a PostgreSQL test database into a known state."""
 
 
-def _flags(**values: Any) -> dict[str, Any]:
-    # `is`, not `in`: --wait 0 is a value (0.0 == False)
-    return {k: v for k, v in values.items() if v is not None and v is not False and v != []}
-
-
-def _confirm(settings: Settings, *, yes: bool) -> None:
-    from dbreset.database import make_target
-    from dbreset.errors import SafetyError
-
-    if yes:
-        return
-    target = make_target(settings.require_url())
-    if not sys.stdin.isatty():
-        raise SafetyError(
-            f"refusing to empty {target.dbname!r} without confirmation: no terminal to ask "
-            "on, pass --yes"
-        )
-    question = f"Empty every table of database {target.dbname!r} ({target.display})?"
-    if not typer.confirm(question, default=False, err=True):
-        raise SafetyError("not confirmed; nothing was changed")
-
-
-def _run(
-    flags: dict[str, Any],
-    action: Callable[[Settings], Result],
-    *,
-    as_json: bool,
-    quiet: bool,
-    verbose: bool,
-    destructive: bool = False,
-    yes: bool = False,
-) -> None:
-    from dbreset import render
-    from dbreset.errors import DbResetError
-
-    url = flags.get("url")
-    try:
-        from dbreset.settings import resolve_settings
-
-        settings = resolve_settings(flags)
-        url = settings.url
-        settings.require_url()
-        if destructive:
-            _confirm(settings, yes=yes)
-        res = action(settings)
-    except DbResetError as exc:
-        render.error(exc, verbose=verbose, as_json_output=as_json, code=exc.exit_code)
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        render.error(
-            RuntimeError("interrupted; every change was rolled back"),
-            verbose=False,
-            as_json_output=as_json,
-            code=130,
-        )
-        raise typer.Exit(130) from None
-    except Exception as exc:
-        from dbreset.database import scrub
-
-        text = scrub(f"internal error: {type(exc).__name__}: {exc}", url)
-        hint = "" if verbose else " (run with --verbose for the traceback)"
-        render.error(RuntimeError(text + hint), verbose=verbose, as_json_output=as_json, code=1)
-        raise typer.Exit(1) from None
-    render.result(res, as_json_output=as_json, quiet=quiet)
+def _run(call: Invocation) -> None:
+    code = execute(call)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command(epilog="Example: dbreset migrate --url postgresql://localhost/app_test")
@@ -189,10 +126,8 @@ def migrate(
     verbose: Verbose = False,
 ) -> None:
     """Upgrade the database to the newest Alembic revision (skipped when at head)."""
-    from dbreset import operations
-
-    flags = _flags(url=url, alembic_config=config, wait=wait, allow_remote=allow_remote)
-    _run(flags, operations.migrate, as_json=json, quiet=quiet, verbose=verbose)
+    flags = setting_flags(url=url, alembic_config=config, wait=wait, allow_remote=allow_remote)
+    _run(Invocation("migrate", flags, as_json=json, quiet=quiet, verbose=verbose))
 
 
 @app.command(epilog="Example: dbreset truncate --exclude 'country_*' --yes")
@@ -210,9 +145,7 @@ def truncate(
     verbose: Verbose = False,
 ) -> None:
     """Empty every table (except the Alembic version table) and restart sequences."""
-    from dbreset import operations
-
-    flags = _flags(
+    flags = setting_flags(
         url=url,
         alembic_config=config,
         schemas=schema,
@@ -220,15 +153,7 @@ def truncate(
         wait=wait,
         allow_remote=allow_remote,
     )
-    _run(
-        flags,
-        lambda s: operations.truncate(s, dry_run=dry_run),
-        as_json=json,
-        quiet=quiet,
-        verbose=verbose,
-        destructive=not dry_run,
-        yes=yes,
-    )
+    _run(Invocation("truncate", flags, yes, dry_run, False, json, quiet, verbose))
 
 
 @app.command(epilog="Example: dbreset reset --create --yes")
@@ -247,9 +172,7 @@ def reset(
     verbose: Verbose = False,
 ) -> None:
     """Migrate to head, then empty every table and restart every sequence."""
-    from dbreset import operations
-
-    flags = _flags(
+    flags = setting_flags(
         url=url,
         alembic_config=config,
         schemas=schema,
@@ -257,15 +180,7 @@ def reset(
         wait=wait,
         allow_remote=allow_remote,
     )
-    _run(
-        flags,
-        lambda s: operations.reset(s, dry_run=dry_run, create=create),
-        as_json=json,
-        quiet=quiet,
-        verbose=verbose,
-        destructive=not dry_run,
-        yes=yes,
-    )
+    _run(Invocation("reset", flags, yes, dry_run, create, json, quiet, verbose))
 
 
 @app.command(epilog="Example: dbreset status --json")
@@ -277,11 +192,11 @@ def status(
     verbose: Verbose = False,
 ) -> None:
     """Show the target, its revision, leftover rows, who holds it, and the settings."""
-    from dbreset import operations
-
-    flags = _flags(url=url, alembic_config=config, allow_remote=allow_remote)
-    _run(flags, operations.status, as_json=json, quiet=False, verbose=verbose)
+    flags = setting_flags(url=url, alembic_config=config, allow_remote=allow_remote)
+    _run(Invocation("status", flags, as_json=json, verbose=verbose))
 
 
 def main() -> None:
+    """The full command line, always through Typer (``dbreset.console:main`` is the
+    console script)."""
     app()
