@@ -12,10 +12,9 @@ import os
 import socket
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from dbreset.errors import BusyError, ConfigError, ConnectError, SafetyError
@@ -185,8 +184,7 @@ def _first_line(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- target & safety
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):
     """Where a URL points, for messages and for the safety guard."""
 
     url: str
@@ -344,8 +342,7 @@ def connect_error(exc: Exception, target: Target, dbname: str) -> ConnectError:
 # --------------------------------------------------------------------------- advisory locks
 
 
-@dataclass(frozen=True)
-class Holder:
+class Holder(NamedTuple):
     """A session that holds (or waits for) something we need."""
 
     pid: int

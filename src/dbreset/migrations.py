@@ -17,9 +17,8 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from dbreset.database import scrub
 from dbreset.errors import ConfigError, MigrationError
@@ -31,8 +30,7 @@ CACHE_VERSION = 1
 DEFAULT_VERSION_TABLE = ("public", "alembic_version")
 
 
-@dataclass(frozen=True)
-class Project:
+class Project(NamedTuple):
     """An Alembic project as far as dbreset needs it, read without Alembic."""
 
     config_path: Path
@@ -139,8 +137,7 @@ def fingerprint(project: Project) -> str | None:
     return digest.hexdigest()
 
 
-@dataclass(frozen=True)
-class CachedHeads:
+class CachedHeads(NamedTuple):
     heads: tuple[str, ...]
     version_table: tuple[str, str]
 
@@ -263,8 +260,7 @@ def preserved_logging() -> Iterator[None]:
             lg.propagate = propagate
 
 
-@dataclass(frozen=True)
-class UpgradeOutcome:
+class UpgradeOutcome(NamedTuple):
     before: tuple[str, ...]
     version_table: tuple[str, str]
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from dbreset import database, migrations, postgres
 from dbreset.errors import BusyError, ConfigError, DbResetError, MigrationError, TruncateError
@@ -596,8 +596,7 @@ _CANARY_CHANGES = {
 }
 
 
-@dataclass(frozen=True)
-class CanaryRelation:
+class CanaryRelation(NamedTuple):
     oid: int
     filenode: int
     #: ``schema.name``

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from psycopg import sql
 
@@ -30,8 +30,7 @@ ROW_COUNT_CAP = 100_000
 DELETE_MAX_PAGES = 8
 
 
-@dataclass(frozen=True)
-class Table:
+class Table(NamedTuple):
     oid: int
     schema: str
     name: str
@@ -50,8 +49,7 @@ class Table:
         return f"{self.schema}.{self.name}"
 
 
-@dataclass(frozen=True)
-class Sequence_:
+class Sequence_(NamedTuple):
     oid: int
     schema: str
     name: str
