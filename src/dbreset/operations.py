@@ -259,7 +259,6 @@ def _truncate_locked(
     dry_run: bool,
 ) -> TruncateResult:
     import psycopg
-    from psycopg import sql
 
     start = time.perf_counter()
     plan = postgres.plan_truncate(
@@ -347,16 +346,13 @@ def _truncate_locked(
         return result(counts, work)
 
     try:
-        with conn.transaction():
-            if plan.tables:
-                conn.execute(
-                    sql.SQL("SET LOCAL lock_timeout = {}").format(
-                        sql.Literal(max(1, int(settings.wait * 1000)))
-                    )
-                )
-                conn.execute(postgres.lock_statement(plan.tables))
+        try:
+            conn.execute(postgres.begin_statement(plan.tables, wait=settings.wait))
             counts, work = decide()
-            work.run(conn)
+            work.run(conn)  # commits
+        except BaseException:
+            postgres.rollback(conn)
+            raise
     except psycopg.errors.LockNotAvailable:
         holders = postgres.blockers(conn, plan.tables)
         named = "; ".join(h.describe() for h in holders) or "they have gone since; try again"

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -316,35 +315,13 @@ def _export(state: _State, name: str, value: str) -> None:
 # --------------------------------------------------------------------------- embedded server
 
 
-def _others_can_enter(path: Path) -> bool:
-    for directory in (path, *path.parents):
-        if directory.exists() and not directory.stat().st_mode & 0o001:
-            return False
-    return True
-
-
 def _embedded_dir(config: pytest.Config) -> Path:
-    """Kept between runs, so a run after the first skips initdb."""
+    """Kept between runs, so a run after the first skips initdb. (As root, where
+    'nobody' cannot reach it, :class:`~dbreset.embedded.EmbeddedServer` moves it.)"""
     cache = getattr(config, "cache", None)
     if cache is not None:
-        parent = Path(cache.mkdir("dbreset-embedded"))
-    else:
-        parent = config.rootpath / ".cache" / "dbreset-embedded"
-    if os.geteuid() == 0 and not _others_can_enter(parent):
-        # As root the server runs as 'nobody', who must be able to reach its data.
-        import hashlib
-        import tempfile
-
-        digest = hashlib.sha256(os.fsencode(config.rootpath)).hexdigest()[:16]
-        parent = Path(tempfile.gettempdir()) / f"dbreset-embedded-{digest}"
-        parent.mkdir(mode=0o755, exist_ok=True)
-        st = parent.lstat()
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
-            from dbreset.errors import ConfigError
-
-            raise ConfigError(f"refusing to use {parent} for the embedded server: not root's own")
-        parent.chmod(0o755)
-    return parent / "pgdata"
+        return Path(cache.mkdir("dbreset-embedded")) / "pgdata"
+    return config.rootpath / ".cache" / "dbreset-embedded" / "pgdata"
 
 
 def _start_embedded(config: pytest.Config, state: _State, settings: Settings) -> Settings:
