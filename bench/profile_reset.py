@@ -3,11 +3,12 @@
     python bench/profile_reset.py --json OUT -- reset --yes -q --url URL -c alembic.ini
 
 Run it with the working directory and environment of the command being
-profiled. It imports, in the order the command does, ``typer`` (with
-``dbreset.cli``), ``rich`` (with ``dbreset.render``), the library modules and
-``psycopg``, timing each; then it wraps ``psycopg.connect``, every
-``Connection.execute`` and every transaction block to time each round trip,
-and runs the command under cProfile. The figures go to ``OUT`` as JSON.
+profiled. It imports, in the order the console script does for a plain
+``reset``, ``dbreset.console``, ``dbreset.render`` (rich stays unimported
+unless stdout is a terminal), ``psycopg`` and the library modules, timing each;
+then it wraps ``psycopg.connect`` and every ``Connection.execute`` to time each
+round trip, and runs the command under cProfile. The figures go to ``OUT`` as
+JSON.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ def main() -> int:
 
     imports: dict[str, float] = {}
     before = set(sys.modules)
-    imports["typer + dbreset.cli"] = _timed_import("dbreset.cli")
-    imports["rich + dbreset.render"] = _timed_import("dbreset.render")
+    imports["dbreset.console"] = _timed_import("dbreset.console")
+    imports["dbreset.render"] = _timed_import("dbreset.render")
     imports["psycopg"] = _timed_import("psycopg")
     imports["dbreset library (settings, database, postgres, migrations, operations)"] = (
         _timed_import("dbreset.operations")
@@ -70,8 +71,6 @@ def main() -> int:
 
     real_connect = psycopg.connect
     real_execute = psycopg.Connection.execute
-    real_enter = psycopg.Transaction.__enter__
-    real_exit = psycopg.Transaction.__exit__
     real_close = psycopg.Connection.close
 
     def connect(*a: Any, **kw: Any) -> Any:
@@ -80,22 +79,14 @@ def main() -> int:
     def execute(self: Any, query: Any, *a: Any, **kw: Any) -> Any:
         return record("query", query_text(query, self), real_execute, self, query, *a, **kw)
 
-    def enter(self: Any) -> Any:
-        return record("query", "BEGIN (transaction block)", real_enter, self)
-
-    def exit_(self: Any, *a: Any) -> Any:
-        return record("query", "COMMIT (transaction block)", real_exit, self, *a)
-
     def close(self: Any) -> Any:
         return record("close", "close", real_close, self)
 
     psycopg.connect = connect
     psycopg.Connection.execute = execute  # type: ignore[method-assign]
-    psycopg.Transaction.__enter__ = enter  # type: ignore[method-assign]
-    psycopg.Transaction.__exit__ = exit_  # type: ignore[method-assign]
     psycopg.Connection.close = close  # type: ignore[method-assign]
 
-    from dbreset.cli import main as cli_main
+    from dbreset.console import main as console_main
 
     sys.argv = ["dbreset", *argv]
     profile = cProfile.Profile()
@@ -103,7 +94,7 @@ def main() -> int:
     start = time.perf_counter()
     profile.enable()
     try:
-        cli_main()
+        console_main()
     except SystemExit as exc:
         code = exc.code
     finally:
@@ -120,6 +111,7 @@ def main() -> int:
         "run_ms": total,
         "calls": calls,
         "top_level_modules_loaded": late,
+        "typer_loaded": "typer" in sys.modules,
         "sqlalchemy_loaded": "sqlalchemy" in sys.modules,
         "alembic_loaded": "alembic" in sys.modules,
         "cprofile": stream.getvalue(),

@@ -596,8 +596,9 @@ LADDER_BASE = {
     "import psycopg": "python -c pass",
     "floor (import psycopg, connect, SELECT 1)": "import psycopg",
     "import psycopg + the dbreset library": "import psycopg",
-    "... + rich (dbreset.render)": "import psycopg + the dbreset library",
-    "... + typer (dbreset.cli)": "... + rich (dbreset.render)",
+    "... + the console script (dbreset.console, dbreset.render)": (
+        "import psycopg + the dbreset library"
+    ),
     "the library's reset() without the CLI": "import psycopg + the dbreset library",
     "dbreset reset": "the library's reset() without the CLI",
 }
@@ -605,7 +606,7 @@ LADDER_SHORT = {
     "python -c pass": "python",
     "import psycopg": "psycopg",
     "import psycopg + the dbreset library": "library imported",
-    "... + rich (dbreset.render)": "+ rich",
+    "... + the console script (dbreset.console, dbreset.render)": "+ console",
     "the library's reset() without the CLI": "reset()",
 }
 
@@ -620,8 +621,11 @@ def ladder(db: Database, env: dict[str, str], rounds: int) -> dict[str, float]:
         "import psycopg": [PYTHON, "-c", "import psycopg"],
         "floor (import psycopg, connect, SELECT 1)": commands(db)["floor"][0],
         "import psycopg + the dbreset library": [PYTHON, "-c", lib],
-        "... + rich (dbreset.render)": [PYTHON, "-c", f"{lib}, dbreset.render"],
-        "... + typer (dbreset.cli)": [PYTHON, "-c", f"{lib}, dbreset.render, dbreset.cli"],
+        "... + the console script (dbreset.console, dbreset.render)": [
+            PYTHON,
+            "-c",
+            f"{lib}, dbreset.console, dbreset.render",
+        ],
         "the library's reset() without the CLI": [PYTHON, "-c", LIBRARY_RESET, db.url],
         "dbreset reset": dbreset,
     }
@@ -668,6 +672,7 @@ def profile_reset(db: Database, env: dict[str, str], workdir: Path, rounds: int)
         "round_trips": len(queries),
         "queries_ms": sum(c["ms"] for c in queries),
         "queries": queries,
+        "typer_loaded": inner["typer_loaded"],
         "sqlalchemy_loaded": inner["sqlalchemy_loaded"],
         "alembic_loaded": inner["alembic_loaded"],
         "cprofile": inner["cprofile"],
@@ -916,10 +921,11 @@ def profile_lines(p: dict[str, Any]) -> list[str]:
         f"Inside one `dbreset reset` process (bench/profile_reset.py): imports {imports}; "
         f"then the command ran {p['run_ms']:.0f} ms: connecting {p['connect_ms']:.1f} ms "
         f"({p['connections']} connection), {p['round_trips']} round trips "
-        f"{p['queries_ms']:.1f} ms, everything else (typer, settings, plan, SQL composition, "
-        f"rendering, modules imported on the way) {rest:.1f} ms. "
-        f"SQLAlchemy imported: {p['sqlalchemy_loaded']}; Alembic imported: "
-        f"{p['alembic_loaded']}. `-X importtime`, self time by package: "
+        f"{p['queries_ms']:.1f} ms, everything else (settings, plan, SQL composition, "
+        f"rendering, modules imported on the way, cProfile's own overhead) {rest:.1f} ms. "
+        f"Typer imported: {p['typer_loaded']}; SQLAlchemy imported: "
+        f"{p['sqlalchemy_loaded']}; Alembic imported: {p['alembic_loaded']}. "
+        "`-X importtime`, self time by package: "
         + ", ".join(f"{k} {v:.0f}" for k, v in p["imports_self_by_package_ms"].items())
         + " ms.",
         "",
