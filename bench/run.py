@@ -482,10 +482,13 @@ def bench_plugin(db: Database, rounds: int, env: dict[str, str]) -> dict[str, An
             times[variant].append(timed([argv], cwd=cwd, env=env))
     db.verify("pytest --dbreset")
     medians = {v: median_ms(t) for v, t in times.items()}
-    overhead = medians["pytest --dbreset"] - medians["pytest"]
-    overhead_db = (
-        medians["pytest --dbreset (conftest imports psycopg)"]
-        - medians["pytest (conftest imports psycopg)"]
+    # Each round runs every variant once, so a round's difference pairs runs made
+    # moments apart: its median is steadier on a noisy machine than a
+    # difference of two medians.
+    overhead = paired_difference(times["pytest --dbreset"], times["pytest"])
+    overhead_db = paired_difference(
+        times["pytest --dbreset (conftest imports psycopg)"],
+        times["pytest (conftest imports psycopg)"],
     )
     log(
         "  pytest plugin: "
@@ -501,7 +504,7 @@ def bench_plugin(db: Database, rounds: int, env: dict[str, str]) -> dict[str, An
         "max_ms": {v: max(t) * 1000 for v, t in times.items()},
         "overhead_ms": overhead,
         "overhead_conftest_imports_psycopg_ms": overhead_db,
-        "import_overhead_ms": medians["pytest"] - medians["pytest -p no:dbreset"],
+        "import_overhead_ms": paired_difference(times["pytest"], times["pytest -p no:dbreset"]),
     }
 
 
@@ -707,6 +710,11 @@ def machine_facts(server: Server) -> dict[str, Any]:
     }
 
 
+def paired_difference(values: list[float], base: list[float]) -> float:
+    """Median of per-round differences, in ms."""
+    return statistics.median(v - b for v, b in zip(values, base, strict=True)) * 1000
+
+
 def paired_ratio(values: list[float], base: list[float]) -> float:
     """The median over rounds of this round's time / the base's time in the same round:
     both ran within seconds of each other, so drift of the machine cancels."""
@@ -873,6 +881,8 @@ def markdown(report: dict[str, Any]) -> str:
             )
         lines += [
             "",
+            "Overheads are medians of the per-round differences (each round runs every "
+            "command once, moments apart). "
             f"Overhead of `--dbreset`: **{plugin['overhead_ms']:.0f} ms** on the trivial suite, "
             "which otherwise never imports psycopg; "
             f"**{plugin['overhead_conftest_imports_psycopg_ms']:.0f} ms** when its conftest.py "
@@ -1003,8 +1013,8 @@ def main(argv: list[str] | None = None) -> int:
         log("bench/run.py: --candidate directories need distinct names, not dbreset/hook/floor")
         return 2
     sizes = args.sizes or ([200] if args.quick else [20, 200, 1000])
-    rounds = args.rounds or (2 if args.quick else 7)
-    pytest_rounds = 2 if args.quick else 9
+    rounds = args.rounds or (2 if args.quick else 9)
+    pytest_rounds = 2 if args.quick else 21
     canary_calls = 200 if args.quick else CANARY_CALLS
     out_dir = args.output_dir or (ROOT / ".cache" / "bench-quick" if args.quick else BENCH)
     # Ctrl-C, kill and a closed terminal all end in KeyboardInterrupt: databases dropped.
