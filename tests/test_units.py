@@ -66,6 +66,47 @@ def test_mask_url_hides_passwords_everywhere() -> None:
     assert "p%40ss" not in database.mask_url(URLS[2])
 
 
+@pytest.mark.parametrize(
+    ("text", "password"),
+    [
+        ("host=localhost password=s3cret dbname=app", "s3cret"),
+        ("dbname=app password = 'two words\\' quoted' host=localhost", "two words' quoted"),
+    ],
+)
+def test_a_key_value_string_given_as_url_never_shows_its_password(text: str, password: str) -> None:
+    assert database.password_of(text) == password
+    assert "s3cret" not in database.mask_url(text) and "words" not in database.mask_url(text)
+    assert database.mask_url(text).count("***") == 1
+    for parse in (database.conninfo_params, database.sqlalchemy_sync_url):
+        with pytest.raises(ConfigError, match="not a PostgreSQL URL|malformed") as info:
+            parse(text)
+        assert "s3cret" not in str(info.value) and "words" not in str(info.value)
+
+
+def test_a_second_at_before_the_host_is_refused_on_both_paths() -> None:
+    # libpq would read password "pa" and host "ss": another server
+    url = "postgresql://u:pa@ss:hunter2@localhost/app"
+    for parse in (database.conninfo_params, database.sqlalchemy_sync_url):
+        with pytest.raises(ConfigError, match="more than one '@'.*%40") as info:
+            parse(url)
+        assert "hunter2" not in str(info.value) and "pa@ss" not in str(info.value)
+    encoded = database.conninfo_params("postgresql://u:pa%40ss%3Ahunter2@localhost/app")
+    assert encoded["password"] == "pa@ss:hunter2" and encoded["host"] == "localhost"
+
+
+def test_reprs_never_show_the_password() -> None:
+    url = "postgresql://u:s3cret@localhost/app?password=s3cret"
+    from dbreset.operations import CanarySnapshot
+
+    for value in (
+        Settings(url=url),
+        database.make_target(url),
+        CanarySnapshot(url, 1, "digest", ("public",), ()),
+    ):
+        assert "s3cret" not in repr(value)
+    assert "localhost" in repr(Settings(url=url)) and "url=None" in repr(Settings())
+
+
 def test_scrub_removes_raw_and_decoded_password() -> None:
     url = "postgresql://u:p%40ss@h/db"
     assert database.scrub("failed for p@ss and p%40ss", url) == "failed for *** and ***"

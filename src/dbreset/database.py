@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -64,6 +65,16 @@ def _map_query(driver: str, items: Iterable[tuple[str, str]]) -> list[tuple[str,
     return mapped
 
 
+def _check_userinfo(netloc: str, url: str) -> None:
+    """libpq ends the user part at the first '@', most URL parsers at the last:
+    with two, they would read different passwords and hosts."""
+    if netloc.count("@") > 1:
+        raise ConfigError(
+            f"malformed database URL {mask_url(url)}: more than one '@' before the host; "
+            "write an '@' in the user name or password as %40"
+        )
+
+
 def _check_scheme(scheme: str, url: str) -> str:
     backend, _, driver = scheme.partition("+")
     if backend not in _BACKENDS:
@@ -84,6 +95,7 @@ def conninfo_params(url: str) -> dict[str, str]:
         if not parts.netloc and not parts.path and not parts.query:
             raise ValueError("empty")
         driver = _check_scheme(parts.scheme.lower(), url)
+        _check_userinfo(parts.netloc, url)
         query = _map_query(driver, parse_qsl(parts.query, keep_blank_values=True))
         # urlunsplit would drop the "//" of a URL without a host
         plain = f"postgresql://{parts.netloc}{parts.path}"
@@ -106,8 +118,9 @@ def sqlalchemy_sync_url(url: str) -> URL:
     from sqlalchemy.exc import ArgumentError
 
     try:
+        _check_userinfo(urlsplit(url.strip()).netloc, url)
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         raise ConfigError(f"malformed database URL: {mask_url(url)}") from None
     driver = _check_scheme(parsed.drivername.lower(), url)
     pairs: list[tuple[str, str]] = []
@@ -135,8 +148,18 @@ def params_from_sqlalchemy(url: URL) -> dict[str, str]:
 # --------------------------------------------------------------------------- masking
 
 
+#: ``password=value`` in a libpq key/value string: a value is quoted with ``'``
+#: (and backslash escapes) or runs to the next space
+_KEYVALUE_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s']\S*)")
+
+
 def mask_url(url: str) -> str:
-    """The URL with its password (in the user part or the query) replaced by ``***``."""
+    """The URL with its password (in the user part or the query) replaced by ``***``.
+
+    Text that is no URL, such as a libpq key/value string given where a URL
+    belongs, has its ``password=...`` masked."""
+    if "://" not in url:
+        return _KEYVALUE_PASSWORD.sub(r"\1***", url)
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -154,6 +177,14 @@ def mask_url(url: str) -> str:
 
 
 def password_of(url: str) -> str | None:
+    if "://" not in url:
+        found = _KEYVALUE_PASSWORD.search(url)
+        if not found:
+            return None
+        value = found.group(2)
+        if value.startswith("'"):
+            value = re.sub(r"\\(.)", r"\1", value[1:].removesuffix("'"))
+        return value or None
     try:
         parts = urlsplit(url)
         if parts.password:
@@ -217,6 +248,10 @@ class Target(NamedTuple):
     @property
     def masked_url(self) -> str:
         return mask_url(self.url)
+
+    def __repr__(self) -> str:  # a traceback's locals must not show the password
+        params = {k: "***" if k == "password" else v for k, v in self.params.items()}
+        return f"Target(url={self.masked_url!r}, params={params!r})"
 
 
 def _default(keyword: str) -> str | None:

@@ -605,7 +605,7 @@ class CanaryRelation(NamedTuple):
 class CanarySnapshot:
     """The state a test session expects its database to stay in."""
 
-    url: str
+    url: str = field(repr=False)  # with its password: workers connect with it
     database_oid: int
     digest: str
     schemas: tuple[str, ...]

@@ -62,6 +62,16 @@ class Settings:
     #: setting name → where its value came from (``"--url"``, ``"DBRESET_WAIT"``, …)
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
+    def __repr__(self) -> str:  # a traceback's locals must not show the password
+        from dataclasses import fields
+
+        from dbreset.database import mask_url
+
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.url:
+            shown["url"] = mask_url(self.url)
+        return f"Settings({', '.join(f'{name}={value!r}' for name, value in shown.items())})"
+
     def require_url(self) -> str:
         if not self.url:
             raise ConfigError(f"no database URL: pass --url, or set DBRESET_URL or {self.url_env}")
