@@ -188,6 +188,29 @@ def test_settings_precedence_and_sources(tmp_path: Path) -> None:
     assert s.allow_remote is False and s.sources["allow_remote"] == "default"
 
 
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("[tool.black]\nline-length = 100\n", None),
+        ("[tool.other\nbroken = \n", None),  # not ours to judge
+        ('[tool.dbreset]\nschemas = ["a"]\n', None),
+        ('tool.dbreset.schemas = ["a"]\n', None),
+        ('[tool]\ndbreset = { schemas = ["a"] }\n', None),
+        ('[tool.dbreset]\nschemas = ["a"\n', "not valid TOML"),
+        ('[tool.dbreset]\nshemas = ["a"]\n', "unknown key"),
+        ("[tool]\ndbreset = 1\n", "must be a table"),
+    ],
+)
+def test_pyproject_is_read_only_for_dbreset(tmp_path: Path, text: str, error: str | None) -> None:
+    (tmp_path / "pyproject.toml").write_text(text)
+    if error:
+        with pytest.raises(ConfigError, match=error):
+            resolve_settings({}, env={}, cwd=tmp_path)
+        return
+    s = resolve_settings({}, env={}, cwd=tmp_path)
+    assert s.schemas == (("a",) if "dbreset" in text else ("public",))
+
+
 def test_flag_url_wins_over_environment(tmp_path: Path) -> None:
     env = {"DBRESET_URL": "postgresql://localhost/b", "DATABASE_URL": "postgresql://localhost/c"}
     s = resolve_settings({"url": "postgresql://localhost/a"}, env=env, cwd=tmp_path)

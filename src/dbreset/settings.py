@@ -8,7 +8,6 @@ remembers the source of every value so ``dbreset status`` can show it.
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,11 +106,19 @@ def find_pyproject(start: Path) -> Path | None:
 
 
 def load_pyproject(path: Path) -> dict[str, Any]:
-    """``[tool.dbreset]`` of *path*, with unknown keys rejected."""
+    """``[tool.dbreset]`` of *path*, with unknown keys rejected.
+
+    A file that never says ``dbreset`` has no such table (short of spelling the
+    key with escapes) and is not parsed: importing and running the TOML parser
+    is ~1 % of a reset, and the file belongs to other tools too."""
+    raw = path.read_bytes()
+    if b"dbreset" not in raw:
+        return {}
+    import tomllib
+
     try:
-        with path.open("rb") as handle:
-            data = tomllib.load(handle)
-    except tomllib.TOMLDecodeError as exc:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path.name} is not valid TOML: {exc}") from None
     section = data.get("tool", {}).get("dbreset", {})
     if not isinstance(section, dict):
