@@ -494,7 +494,8 @@ def bench_plugin(db: Database, rounds: int, env: dict[str, str]) -> dict[str, An
         "  pytest plugin: "
         + ", ".join(f"{v} {m:.0f} ms" for v, m in medians.items())
         + f"; overhead of --dbreset {overhead:.0f} ms ({overhead_db:.0f} ms when the "
-        "conftest imports psycopg)"
+        "conftest imports psycopg, which alone costs "
+        f"{paired_difference(times['pytest (conftest imports psycopg)'], times['pytest']):.0f} ms)"
     )
     return {
         "measured": True,
@@ -505,6 +506,10 @@ def bench_plugin(db: Database, rounds: int, env: dict[str, str]) -> dict[str, An
         "overhead_ms": overhead,
         "overhead_conftest_imports_psycopg_ms": overhead_db,
         "import_overhead_ms": paired_difference(times["pytest"], times["pytest -p no:dbreset"]),
+        # what a plugin built on psycopg cannot avoid on the trivial suite
+        "psycopg_import_ms": paired_difference(
+            times["pytest (conftest imports psycopg)"], times["pytest"]
+        ),
     }
 
 
@@ -887,7 +892,11 @@ def markdown(report: dict[str, Any]) -> str:
             "which otherwise never imports psycopg; "
             f"**{plugin['overhead_conftest_imports_psycopg_ms']:.0f} ms** when its conftest.py "
             "imports psycopg, as the conftest of a suite that uses the database does. "
-            f"Loading the plugin without enabling it: {plugin['import_overhead_ms']:+.0f} ms.",
+            f"Loading the plugin without enabling it: {plugin['import_overhead_ms']:+.0f} ms. "
+            "Importing psycopg in the pytest process, and nothing else (the suite whose "
+            "conftest.py imports it, against the trivial suite, both without `--dbreset`): "
+            f"{plugin['psycopg_import_ms']:+.0f} ms; a plugin that connects with psycopg "
+            "pays that on the trivial suite before it does anything.",
         ]
     else:
         lines.append(f"Not measured: {plugin['why']}.")
