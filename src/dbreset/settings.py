@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +62,6 @@ class Settings:
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def __repr__(self) -> str:  # a traceback's locals must not show the password
-        from dataclasses import fields
-
         from dbreset.database import mask_url
 
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
