@@ -459,9 +459,11 @@ def _short_hash(text: str) -> str:
 
 
 def has_placeholders(text: str) -> bool:
-    """Whether ``text`` holds a ``{...}`` placeholder, known or not, so needs git.
+    """Whether ``text`` holds a ``{...}`` placeholder, known or not.
 
-    Cheap: false at once when there is no ``{``. An unknown placeholder counts
+    True means :func:`resolve_database_name` will read git (or reject an
+    unknown name). Cheap: false at once when there is no ``{``. An unknown
+    placeholder counts
     (so a gate built on this never lets a misspelt ``{brnach}`` through as a
     literal name); an escaped ``{{`` does not. Callers need not ask first:
     :func:`resolve_database_name` touches no file when there is nothing to
