@@ -7,18 +7,24 @@ turned into libpq parameters here. Alembic still gets the user's URL.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import ipaddress
+import json
 import os
-import re
 import socket
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, NamedTuple
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from dbreset.errors import BusyError, ConfigError, ConnectError, SafetyError
+from dbreset.redact import first_line as _first_line
+from dbreset.redact import mask_url, password_of, printable, scrub
+
+__all__ = ["mask_url", "password_of", "printable", "scrub"]
 
 if TYPE_CHECKING:
     import psycopg
@@ -145,73 +151,6 @@ def params_from_sqlalchemy(url: URL) -> dict[str, str]:
     return conninfo.conninfo_to_dict(plain)  # type: ignore[return-value]
 
 
-# --------------------------------------------------------------------------- masking
-
-
-#: ``password=value`` in a libpq key/value string: a value is quoted with ``'``
-#: (and backslash escapes) or runs to the next space
-_KEYVALUE_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s']\S*)")
-
-
-def mask_url(url: str) -> str:
-    """The URL with its password (in the user part or the query) replaced by ``***``.
-
-    Text that is no URL, such as a libpq key/value string given where a URL
-    belongs, has its ``password=...`` masked."""
-    if "://" not in url:
-        return _KEYVALUE_PASSWORD.sub(r"\1***", url)
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    netloc = parts.netloc
-    userinfo, at, hostinfo = netloc.rpartition("@")
-    if at and ":" in userinfo:
-        netloc = f"{userinfo.partition(':')[0]}:***@{hostinfo}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(key == "password" for key, _ in pairs):
-            query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs])
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def password_of(url: str) -> str | None:
-    if "://" not in url:
-        found = _KEYVALUE_PASSWORD.search(url)
-        if not found:
-            return None
-        value = found.group(2)
-        if value.startswith("'"):
-            value = re.sub(r"\\(.)", r"\1", value[1:].removesuffix("'"))
-        return value or None
-    try:
-        parts = urlsplit(url)
-        if parts.password:
-            return parts.password
-        for key, value in parse_qsl(parts.query):
-            if key == "password":
-                return value
-    except ValueError:
-        return None
-    return None
-
-
-def scrub(text: str, url: str | None) -> str:
-    """Remove the password of *url* from *text* (a driver message can hold the DSN)."""
-    secret = password_of(url) if url else None
-    if secret:
-        for form in {secret, unquote(secret)}:
-            if form:
-                text = text.replace(form, "***")
-    return text
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 # --------------------------------------------------------------------------- target & safety
 
 
@@ -304,7 +243,112 @@ def check_safety(target: Target, settings: Settings, *, connected_to: Iterable[s
         )
 
 
+# --------------------------------------------------------------------------- test databases
+
+#: The line dbreset writes into a database's comment (``COMMENT ON DATABASE``):
+#: its mark, outside the user's tables, read in a query dbreset makes anyway.
+MARK_PREFIX = "dbreset:"
+NAME_MAX = 63  # bytes: PostgreSQL's NAMEDATALEN - 1
+
+
+class Mark(NamedTuple):
+    """What dbreset knows of a database it made or was told is a test database."""
+
+    #: "pristine" (a template, never a target), "worker" (one xdist worker's),
+    #: "created" (made by ``--create``/``--recreate``), "marked" (``dbreset mark``),
+    #: "building" (a pristine database being built, never used)
+    kind: str
+    #: the database it belongs to (pristine, worker): the target's name
+    target: str = ""
+    #: the migrations' fingerprint it was made from
+    fingerprint: str = ""
+    heads: tuple[str, ...] = ()
+    #: the baseline's digest (pristine)
+    digest: str = ""
+    #: the database name as written in the URL, with ``{branch}``/``{worktree}``
+    template: str = ""
+    branch: str = ""
+    worktree: str = ""
+    made: str = ""
+    used: str = ""
+
+    def to_comment(self, keep: str | None = None) -> str:
+        """The database comment: the user's own lines (*keep*), then ours."""
+        data = {k: v for k, v in self._asdict().items() if v not in ("", ())}
+        if "heads" in data:
+            data["heads"] = list(self.heads)
+        line = f"{MARK_PREFIX} {json.dumps(data, sort_keys=True)}"
+        others = [ln for ln in (keep or "").splitlines() if not ln.startswith(MARK_PREFIX)]
+        return "\n".join([*others, line])
+
+
+def parse_mark(comment: str | None) -> Mark | None:
+    """dbreset's mark in a database comment, if it has one."""
+    if not comment or MARK_PREFIX not in comment:
+        return None
+    for line in comment.splitlines():
+        if not line.startswith(MARK_PREFIX):
+            continue
+        try:
+            data = json.loads(line[len(MARK_PREFIX) :])
+            fields: dict[str, Any] = {
+                k: str(v) for k, v in data.items() if k in Mark._fields and k != "heads"
+            }
+            if "heads" in data:
+                fields["heads"] = tuple(str(h) for h in data["heads"])
+            return Mark(**fields)
+        except (ValueError, TypeError, AttributeError):
+            return Mark(kind="marked")  # ours, but unreadable: still a mark
+    return None
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def looks_like_test_name(dbname: str) -> bool:
+    return "test" in dbname.lower()
+
+
+def check_test_database(
+    dbname: str, settings: Settings, mark: Mark | None, *, action: str = "empty"
+) -> None:
+    """Refuse a database that is not recognisably a test database: its name holds
+    ``test``, dbreset marked it, or it is listed in ``allowed_databases``."""
+    if looks_like_test_name(dbname) or mark is not None:
+        return
+    if any(fnmatchcase(dbname, pattern) for pattern in settings.allowed_databases):
+        return
+    raise SafetyError(
+        f"refusing to {action} {printable(dbname)!r}: it does not look like a test database "
+        "(its name does not contain 'test', dbreset did not make or mark it, and it is not "
+        "in allowed_databases); if it is one, run `dbreset mark`, add it to "
+        "allowed_databases in [tool.dbreset] (DBRESET_ALLOWED_DATABASES), or rename it"
+    )
+
+
+def derived_name(base: str, suffix: str) -> str:
+    """``<base>_<suffix>`` within PostgreSQL's 63 bytes: a long *base* is cut and
+    followed by a short hash of the whole, so two long names never collide."""
+    name = f"{base}_{suffix}"
+    if len(name.encode()) <= NAME_MAX:
+        return name
+    digest = hashlib.sha256(base.encode()).hexdigest()[:8]
+    room = NAME_MAX - len(f"_{digest}_{suffix}".encode())
+    cut = base.encode()[:room].decode("utf-8", "ignore")
+    return f"{cut}_{digest}_{suffix}"
+
+
 # --------------------------------------------------------------------------- connections
+
+#: Session settings of every dbreset connection, sent at connect time (no round
+#: trip): a role's statement_timeout must not cancel a reset, and rows are
+#: compared and copied as text, which these settings make exact and stable.
+SESSION_OPTIONS = (
+    "-c statement_timeout=0 -c lock_timeout=0 -c idle_in_transaction_session_timeout=0 "
+    "-c idle_session_timeout=0 -c TimeZone=UTC -c DateStyle=ISO,MDY "
+    "-c IntervalStyle=postgres -c extra_float_digits=3 -c bytea_output=hex"
+)
 
 
 def application_name(role: str) -> str:
@@ -328,6 +372,7 @@ def connect(
     params: dict[str, Any] = dict(target.params)
     params.setdefault("connect_timeout", DEFAULT_CONNECT_TIMEOUT)
     params["application_name"] = application_name(role)
+    params["options"] = " ".join(filter(None, [params.get("options"), SESSION_OPTIONS]))
     if dbname is not None:
         params["dbname"] = dbname
     try:
@@ -341,6 +386,31 @@ def connect(
             conn.close()
             raise
     return conn
+
+
+#: Databases to connect to for CREATE and DROP DATABASE, in order.
+MAINTENANCE_DATABASES = ("postgres", "template1")
+
+
+def connect_maintenance(
+    target: Target, settings: Settings, *, role: str
+) -> psycopg.Connection[Any]:
+    """A connection to a maintenance database of the target's server."""
+    import psycopg
+
+    last: Exception | None = None
+    for name in MAINTENANCE_DATABASES:
+        try:
+            return connect(target, settings, role=role, dbname=name)
+        except ConnectError as exc:
+            last = exc
+            if "does not exist" not in str(exc):
+                raise
+    raise connect_error(
+        psycopg.OperationalError("no maintenance database (postgres, template1) to connect to"),
+        target,
+        target.dbname,
+    ) from last
 
 
 def _real_hosts(conn: psycopg.Connection[Any]) -> list[str]:
@@ -407,6 +477,15 @@ ORDER BY a.backend_start
 """
 
 
+#: Who the given backends are (for pg_blocking_pids).
+HOLDERS_OF_PIDS_SQL = """
+SELECT pid, coalesce(application_name, ''),
+       coalesce(client_hostname, host(client_addr), 'local socket'),
+       coalesce(state, ''), coalesce(xact_start, backend_start), '', coalesce(left(query, 80), '')
+FROM pg_stat_activity WHERE pid = ANY(%(pids)s::int[]) ORDER BY pid
+"""
+
+
 def lock_holders(conn: psycopg.Connection[Any]) -> list[Holder]:
     rows = conn.execute(HOLDERS_SQL, {"classid": LOCK_CLASSID, "objid": LOCK_OBJID}).fetchall()
     return [Holder(*row) for row in rows]
@@ -458,5 +537,14 @@ def exclusive_lock(conn: psycopg.Connection[Any], *, wait: float, target: Target
     try:
         yield
     finally:
-        if not conn.closed:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+        release(conn)
+
+
+def release(conn: psycopg.Connection[Any]) -> None:
+    """Let go of the exclusive lock; a connection that is gone let go already."""
+    import psycopg
+
+    if conn.closed:
+        return
+    with contextlib.suppress(psycopg.Error):
+        conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))

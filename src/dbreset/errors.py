@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+#: Version of every ``--json`` document (see the README's "JSON output").
+JSON_SCHEMA = 1
+
 
 class DbResetError(Exception):
     """Base of every error dbreset reports to a user.
@@ -47,3 +50,9 @@ class TruncateError(DbResetError):
     """The database could not be emptied (permission, CASCADE into excluded tables)."""
 
     exit_code = 7
+
+
+class Interrupted(DbResetError):
+    """Ctrl-C: the message says what had committed by then."""
+
+    exit_code = 130

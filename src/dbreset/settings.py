@@ -8,15 +8,28 @@ remembers the source of every value so ``dbreset status`` can show it.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from dbreset.errors import ConfigError
+from dbreset.redact import mask_url
 
 #: Keys of ``[tool.dbreset]``; the pytest ini twin of each is ``dbreset_<key>``.
-CONFIG_KEYS = ("url_env", "alembic_config", "schemas", "exclude", "allowed_hosts", "wait")
+CONFIG_KEYS = (
+    "url_env",
+    "alembic_config",
+    "schemas",
+    "exclude",
+    "allowed_hosts",
+    "wait",
+    "export_env",
+    "allowed_databases",
+)
+#: Settings that hold lists (comma-separated in the environment).
+LIST_KEYS = ("schemas", "exclude", "allowed_hosts", "export_env", "allowed_databases")
 
 #: Environment variables, by setting.
 ENV_VARS = {
@@ -28,6 +41,8 @@ ENV_VARS = {
     "allowed_hosts": "DBRESET_ALLOWED_HOSTS",
     "allow_remote": "DBRESET_ALLOW_REMOTE",
     "wait": "DBRESET_WAIT",
+    "export_env": "DBRESET_EXPORT_ENV",
+    "allowed_databases": "DBRESET_ALLOWED_DATABASES",
 }
 
 FLAGS = {
@@ -39,6 +54,8 @@ FLAGS = {
     "allowed_hosts": "--allowed-host",
     "allow_remote": "--allow-remote",
     "wait": "--wait",
+    "export_env": "--export-env",
+    "allowed_databases": "--allowed-database",
 }
 
 DEFAULT_WAIT = 5.0
@@ -58,16 +75,30 @@ class Settings:
     allowed_hosts: tuple[str, ...] = ()
     allow_remote: bool = False
     wait: float = DEFAULT_WAIT
+    #: more variables pointed at the target while env.py runs, and exported to
+    #: xdist workers and the application (the plugin)
+    export_env: tuple[str, ...] = ()
+    #: database names (globs) that count as test databases whatever their name
+    allowed_databases: tuple[str, ...] = ()
+    #: the URL as written, when its database name holds ``{branch}``/``{worktree}``
+    url_template: str | None = None
+    #: the git branch and worktree folder the placeholders were resolved from
+    branch: str | None = None
+    worktree: str | None = None
     #: setting name → where its value came from (``"--url"``, ``"DBRESET_WAIT"``, …)
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def __repr__(self) -> str:  # a traceback's locals must not show the password
-        from dbreset.database import mask_url
-
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
-        if self.url:
-            shown["url"] = mask_url(self.url)
+        for key in ("url", "url_template"):
+            if shown[key]:
+                shown[key] = mask_url(shown[key])
         return f"Settings({', '.join(f'{name}={value!r}' for name, value in shown.items())})"
+
+    @property
+    def url_variables(self) -> tuple[str, ...]:
+        """Every variable pointed at the target: ``url_env``, then ``export_env``."""
+        return tuple(dict.fromkeys((self.url_env, *self.export_env)))
 
     def require_url(self) -> str:
         if not self.url:
@@ -211,7 +242,7 @@ def resolve_settings(
         kwargs["alembic_config"] = bases["alembic_config"] / str(values["alembic_config"])
     else:
         kwargs["alembic_config"] = project_dir / "alembic.ini"
-    for key in ("schemas", "exclude", "allowed_hosts"):
+    for key in LIST_KEYS:
         if key in values:
             kwargs[key] = _as_tuple(values[key], name=f"{key} ({sources[key]})")
     if "allow_remote" in values:
@@ -223,4 +254,37 @@ def resolve_settings(
         kwargs["wait"] = parse_wait(values["wait"], name=f"wait ({sources['wait']})")
     if not kwargs.get("schemas", ("public",)):
         raise ConfigError("schemas must name at least one schema")
+    for name in kwargs.get("export_env", ()):
+        if not _ENV_NAME.fullmatch(name):
+            raise ConfigError(
+                f"export_env ({sources['export_env']}): {name!r} is not the name of an "
+                "environment variable"
+            )
+    if "url" in kwargs and "{" in kwargs["url"]:
+        kwargs.update(_resolve_placeholders(kwargs["url"], cwd=cwd, source=sources["url"]))
     return Settings(**kwargs, sources=sources)
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _resolve_placeholders(url: str, *, cwd: Path, source: str) -> dict[str, Any]:
+    """``{branch}``/``{worktree}`` in the URL's database name, resolved from git."""
+    from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+    from dbreset import gitinfo
+
+    parts = urlsplit(url)
+    template = unquote(parts.path.lstrip("/"))
+    if not gitinfo.has_placeholders(template):
+        return {}
+    try:
+        resolved = gitinfo.resolve_database_name(template, cwd=cwd)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (the URL comes from {source})") from None
+    return {
+        "url": urlunsplit(parts._replace(path="/" + quote(resolved.name, safe=""))),
+        "url_template": url,
+        "branch": resolved.branch,
+        "worktree": resolved.worktree,
+    }
