@@ -17,6 +17,9 @@ __version__ = "0.1.0"
 __all__ = [
     "Settings",
     "__version__",
+    "drop",
+    "list_databases",
+    "mark",
     "migrate",
     "reset",
     "resolve_settings",
@@ -24,14 +27,16 @@ __all__ = [
     "truncate",
 ]
 
+_VERBS = {"drop", "list_databases", "mark", "migrate", "reset", "status", "truncate"}
+
 if TYPE_CHECKING:
-    from dbreset.operations import migrate, reset, status, truncate
+    from dbreset.operations import drop, list_databases, mark, migrate, reset, status, truncate
     from dbreset.settings import Settings, resolve_settings
 
 
 def __getattr__(name: str) -> Any:
     # Lazy, so that `import dbreset` (and `dbreset --version`) stays cheap.
-    if name in {"migrate", "reset", "status", "truncate"}:
+    if name in _VERBS:
         from dbreset import operations
 
         return getattr(operations, name)

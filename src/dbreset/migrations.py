@@ -20,11 +20,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from dbreset.database import scrub
-from dbreset.errors import ConfigError, MigrationError
+from dbreset.errors import BusyError, ConfigError, MigrationError
+from dbreset.redact import mask_url, printable, scrub
 
 if TYPE_CHECKING:
     import psycopg
+
+    from dbreset.settings import Settings
 
 CACHE_VERSION = 1
 DEFAULT_VERSION_TABLE = ("public", "alembic_version")
@@ -178,19 +180,39 @@ def write_cache(project: Project, key: str | None, cached: CachedHeads) -> None:
 
 
 def database_heads(
-    conn: psycopg.Connection[Any], version_table: tuple[str, str]
+    conn: psycopg.Connection[Any], version_table: tuple[str, str], *, exists: bool | None = None
 ) -> tuple[str, ...]:
-    """The revisions recorded in the database; () when there is no version table."""
+    """The revisions recorded in the database; () when there is no version table
+    (*exists*, when the caller already asked)."""
+    import psycopg
     from psycopg import sql
 
     schema, table = version_table
-    exists = conn.execute(
-        "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text)) IS NOT NULL", (schema, table)
-    ).fetchone()
-    if not exists or not exists[0]:
+    if exists is None:
+        found = conn.execute(
+            "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text)) IS NOT NULL",
+            (schema, table),
+        ).fetchone()
+        exists = bool(found and found[0])
+    if not exists:
         return ()
     query = sql.SQL("SELECT version_num FROM {} ORDER BY 1").format(sql.Identifier(schema, table))
-    return tuple(row[0] for row in conn.execute(query))
+    try:
+        return tuple(row[0] for row in conn.execute(query))
+    except psycopg.errors.InsufficientPrivilege:
+        raise MigrationError(
+            f"cannot read the Alembic version table {printable(schema)}.{printable(table)}: "
+            f"permission denied for {printable(conn.info.user)!r}; GRANT SELECT, INSERT, UPDATE "
+            f"ON {sql.Identifier(schema, table).as_string(conn)} TO that role, or run as its owner"
+        ) from None
+
+
+def alembic_url(url: str) -> str:
+    """*url* as SQLAlchemy reads it: ``postgres://`` is no SQLAlchemy scheme."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme.lower() == "postgres":
+        return f"postgresql://{rest}"
+    return url
 
 
 def _alembic_config(project: Project, url: str | None) -> Any:
@@ -199,34 +221,72 @@ def _alembic_config(project: Project, url: str | None) -> Any:
     cfg = Config(str(project.config_path))
     if url is not None:
         # Config interpolates '%': a percent-encoded password must be doubled.
-        cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+        cfg.set_main_option("sqlalchemy.url", alembic_url(url).replace("%", "%%"))
     cfg.attributes["dbreset"] = True
     return cfg
 
 
-def script_heads(project: Project) -> tuple[str, ...]:
-    """Heads of the migration scripts, by Alembic (does not run env.py)."""
+def _script(project: Project) -> Any:
     from alembic.script import ScriptDirectory
     from alembic.util import CommandError
 
     try:
-        script = ScriptDirectory.from_config(_alembic_config(project, None))
-        return tuple(sorted(script.get_heads()))
+        return ScriptDirectory.from_config(_alembic_config(project, None))
     except CommandError as exc:
         raise ConfigError(f"Alembic cannot read {project.config_path.name}: {exc}") from None
     except Exception as exc:
-        raise MigrationError(f"Alembic cannot load the migration scripts: {exc}") from exc
+        raise MigrationError(
+            f"Alembic cannot load the migration scripts: {_alembic_message(exc, None, project)}"
+        ) from exc
+
+
+def script_heads(project: Project) -> tuple[str, ...]:
+    """Heads of the migration scripts, by Alembic (does not run env.py)."""
+    try:
+        return tuple(sorted(_script(project).get_heads()))
+    except (ConfigError, MigrationError):
+        raise
+    except Exception as exc:
+        raise MigrationError(
+            f"Alembic cannot load the migration scripts: {_alembic_message(exc, None, project)}"
+        ) from exc
+
+
+def unknown_revisions(project: Project, current: tuple[str, ...]) -> tuple[str, ...]:
+    """Revisions recorded in the database that these scripts do not know."""
+    script = _script(project)
+    unknown = []
+    for revision in current:
+        try:
+            if script.get_revision(revision) is None:
+                unknown.append(revision)
+        except Exception:
+            unknown.append(revision)
+    return tuple(unknown)
+
+
+def fingerprint_of(project: Project) -> str:
+    """:func:`fingerprint`, asking Alembic where the scripts are when only it knows."""
+    key = fingerprint(project)
+    if key is not None:
+        return key
+    script = _script(project)
+    dirs = tuple(Path(d) for d in script._version_locations)
+    key = fingerprint(project._replace(script_dir=Path(script.dir), version_dirs=dirs))
+    if key is None:
+        raise ConfigError(f"the migration directories of {project.config_path} do not exist")
+    return key
 
 
 def pending_revisions(project: Project, current: tuple[str, ...]) -> tuple[str, ...]:
     """Revisions an upgrade to heads would apply, oldest first (``rev: message``)."""
-    from alembic.script import ScriptDirectory
-
-    script = ScriptDirectory.from_config(_alembic_config(project, None))
+    script = _script(project)
     try:
         revisions = list(script.iterate_revisions("heads", current or "base"))
     except Exception as exc:
-        raise MigrationError(f"Alembic cannot plan the upgrade: {exc}") from exc
+        raise MigrationError(
+            f"Alembic cannot plan the upgrade: {_alembic_message(exc, None, project)}"
+        ) from exc
     revisions.reverse()
     return tuple(f"{r.revision}: {r.doc}" if r.doc else r.revision for r in revisions)
 
@@ -260,6 +320,21 @@ def preserved_logging() -> Iterator[None]:
             lg.propagate = propagate
 
 
+@contextmanager
+def environ(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration, then put them back."""
+    old = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 class UpgradeOutcome(NamedTuple):
     before: tuple[str, ...]
     version_table: tuple[str, str]
@@ -289,7 +364,139 @@ def _in_thread_if_loop_running(fn: Any) -> Any:
     return box.get("value")
 
 
-def upgrade(project: Project, url: str) -> UpgradeOutcome:
+class WrongDatabase(Exception):
+    """env.py connected to another database than the one dbreset is migrating."""
+
+
+#: Where a connection really is: database, its oid, and the server (by start time).
+IDENTITY_SQL = (
+    "SELECT current_database(), (SELECT oid FROM pg_database "
+    "WHERE datname = current_database())::bigint, "
+    "(extract(epoch FROM pg_postmaster_start_time()) * 1000000)::bigint::text"
+)
+
+
+def upgrade_checked(
+    project: Project,
+    url: str,
+    settings: Settings,
+    *,
+    expect: str,
+    watch: psycopg.Connection[Any] | None = None,
+) -> UpgradeOutcome:
+    """``upgrade heads`` of the database *expect* (at *url*), with the user's own
+    env.py, in process. While env.py runs, every variable of ``url_env`` and
+    ``export_env`` points at *url*; before the first migration runs, the
+    database env.py connected to is checked to be *expect* on this very server
+    (refused otherwise, with nothing touched). Lock waits are bounded by
+    ``wait``: ``lock_timeout`` through ``PGOPTIONS`` for libpq drivers, and for
+    any driver a watchdog on dbreset's own connection (*watch*) that cancels the
+    migration's statement once it has waited longer, naming who held the lock."""
+    import psycopg
+
+    from dbreset import database
+
+    own = watch
+    if own is None:
+        target = database.make_target(url)
+        own = database.connect(target, settings, role="migrate", check=False)
+    try:
+        row = own.execute(
+            "SELECT oid::bigint, (extract(epoch FROM pg_postmaster_start_time()) * 1000000)"
+            "::bigint::text FROM pg_database WHERE datname = %s",
+            (expect,),
+        ).fetchone()
+        expected = (expect, int(row[0]), str(row[1])) if row else (expect, 0, "")
+        app = database.application_name("migrate")
+        wait_ms = max(1, int(settings.wait * 1000))
+        options = " ".join(
+            filter(None, [os.environ.get("PGOPTIONS"), f"-c lock_timeout={wait_ms}"])
+        )
+        variables = {name: url for name in settings.url_variables}
+        variables.update({"PGOPTIONS": options, "PGAPPNAME": app})
+        watchdog = _LockWatch(own, app=app, dbname=expect, wait=settings.wait)
+        with environ(variables), watchdog:
+            try:
+                return upgrade(project, url, expected=expected, settings=settings)
+            except MigrationError as exc:
+                if watchdog.blockers or isinstance(exc.__cause__, psycopg.errors.LockNotAvailable):
+                    raise BusyError(watchdog.busy_message(expect, settings.wait)) from None
+                raise
+    finally:
+        if watch is None:
+            own.close()
+
+
+class _LockWatch:
+    """A thread that watches the migration's sessions from dbreset's own
+    connection: one waiting for a lock longer than *wait* is cancelled
+    (``pg_cancel_backend``), and whoever held the lock is remembered."""
+
+    POLL = 0.1
+    SQL = """
+    SELECT a.pid, extract(epoch FROM now() - coalesce(l.waitstart, a.query_start)),
+           array(SELECT unnest(pg_blocking_pids(a.pid)))
+    FROM pg_stat_activity a
+    JOIN pg_locks l ON l.pid = a.pid AND NOT l.granted
+    WHERE a.datname = %(dbname)s AND a.pid <> pg_backend_pid()
+      AND (a.application_name = %(app)s
+           OR (a.backend_start >= %(since)s AND a.application_name = ''))
+    """
+
+    def __init__(self, conn: psycopg.Connection[Any], *, app: str, dbname: str, wait: float):
+        self.conn, self.app, self.dbname, self.wait = conn, app, dbname, wait
+        self.blockers: list[str] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _LockWatch:
+        row = self.conn.execute("SELECT now()").fetchone()
+        self.since = row[0] if row else None
+        self._thread = threading.Thread(target=self._run, name="dbreset-lock-watch", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        import psycopg
+
+        from dbreset import database
+
+        params = {"dbname": self.dbname, "app": self.app, "since": self.since}
+        while not self._stop.wait(self.POLL):
+            try:
+                rows = self.conn.execute(self.SQL, params).fetchall()
+                for pid, waited, blocking in rows:
+                    if blocking and not self.blockers:
+                        holders = self.conn.execute(
+                            database.HOLDERS_OF_PIDS_SQL, {"pids": list(blocking)}
+                        ).fetchall()
+                        self.blockers = [database.Holder(*h).describe() for h in holders]
+                    if waited is not None and float(waited) >= self.wait:
+                        self.conn.execute("SELECT pg_cancel_backend(%s)", (pid,))
+            except psycopg.Error:
+                return
+
+    def busy_message(self, dbname: str, wait: float) -> str:
+        named = "; ".join(self.blockers) or "the holder has gone since"
+        return (
+            f"a migration of {printable(dbname)!r} waited {wait:g}s for a lock held by another "
+            f"session: {named}. Close that session (an idle transaction still holds its locks) "
+            "or pass --wait SECONDS"
+        )
+
+
+def upgrade(
+    project: Project,
+    url: str,
+    *,
+    expected: tuple[str, int, str] | None = None,
+    settings: Settings | None = None,
+) -> UpgradeOutcome:
     """Run ``upgrade heads`` with the user's env.py and URL, in process."""
     from alembic.runtime.environment import EnvironmentContext
     from alembic.script import ScriptDirectory
@@ -301,6 +508,11 @@ def upgrade(project: Project, url: str) -> UpgradeOutcome:
         script = ScriptDirectory.from_config(cfg)
 
         def do_upgrade(rev: Any, context: Any) -> Any:
+            if expected is not None and context.connection is not None:
+                found = context.connection.exec_driver_sql(IDENTITY_SQL).fetchone()
+                if found is None or (str(found[0]), int(found[1]), str(found[2])) != expected:
+                    seen["elsewhere"] = str(found[0]) if found else "?"
+                    raise WrongDatabase(seen["elsewhere"])
             seen["before"] = tuple(sorted(rev or ()))
             seen["table"] = (
                 context.version_table_schema or "public",
@@ -314,8 +526,10 @@ def upgrade(project: Project, url: str) -> UpgradeOutcome:
     try:
         with preserved_logging():
             _in_thread_if_loop_running(run)
+    except WrongDatabase:
+        raise ConfigError(_elsewhere_message(seen["elsewhere"], expected, settings)) from None
     except Exception as exc:
-        raise MigrationError(f"migration failed: {_alembic_message(exc, url)}") from exc
+        raise MigrationError(f"migration failed: {_alembic_message(exc, url, project)}") from exc
     if "table" not in seen:
         raise MigrationError(
             "env.py finished without running the migrations (it never called "
@@ -324,9 +538,69 @@ def upgrade(project: Project, url: str) -> UpgradeOutcome:
     return UpgradeOutcome(before=seen["before"], version_table=seen["table"])
 
 
-def _alembic_message(exc: BaseException, url: str) -> str:
+def _elsewhere_message(
+    found: str, expected: tuple[str, int, str] | None, settings: Settings | None
+) -> str:
+    """env.py connected elsewhere: name the variables that point there."""
+    from urllib.parse import urlsplit
+
+    want = expected[0] if expected else "?"
+    pointing = []
+    for name, value in sorted(os.environ.items()):
+        if "://" not in value or not value.lower().startswith("postgres"):
+            continue
+        try:
+            dbname = urlsplit(value).path.lstrip("/")
+        except ValueError:
+            continue
+        if dbname == found and (settings is None or name not in settings.url_variables):
+            pointing.append(name)
+    hint = f" ({', '.join(pointing)} points there)" if pointing else ""
+    same = " on another server" if found == want else ""
+    return (
+        f"refusing to migrate: env.py connected to {printable(found)!r}{same}, not "
+        f"{printable(want)!r}{hint}, and nothing was migrated; env.py reads its URL from a "
+        "variable dbreset does not point at the target: name it in export_env "
+        '(export_env = ["VAR"] in [tool.dbreset], DBRESET_EXPORT_ENV, or dbreset_export_env '
+        "for pytest)"
+    )
+
+
+def _alembic_message(exc: BaseException, url: str | None, project: Project | None = None) -> str:
+    """One line: the error, and where in the user's migration scripts it happened."""
     orig = getattr(exc, "orig", None)
     text = str(orig if orig is not None else exc).strip() or type(exc).__name__
     lines = [line for line in text.splitlines() if line.strip()]
     head = lines[0] if lines else type(exc).__name__
-    return scrub(f"{type(orig or exc).__name__}: {head}", url)
+    where = _where(exc, project)
+    message = f"{type(orig or exc).__name__}: {head}" + (f" (at {where})" if where else "")
+    return scrub(mask_url(message) if "://" in message else message, url)
+
+
+def _where(exc: BaseException, project: Project | None) -> str:
+    """``migrations/versions/x.py, line 12``: the innermost frame of the traceback
+    (or of the exceptions it came from) that is in the project's own scripts."""
+    import traceback
+
+    if project is None:
+        return ""
+    roots = [project.config_path.parent]
+    if project.script_dir is not None:
+        roots.append(project.script_dir)
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    best = ""
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        for frame in traceback.extract_tb(current.__traceback__):
+            path = Path(frame.filename)
+            for root in roots:
+                try:
+                    relative = path.resolve().relative_to(root.resolve())
+                except (ValueError, OSError):
+                    continue
+                if "site-packages" not in relative.parts:
+                    best = f"{relative}, line {frame.lineno}"
+                break
+        current = current.__cause__ or current.__context__
+    return best

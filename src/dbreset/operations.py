@@ -1,25 +1,49 @@
-"""The library verbs: ``migrate``, ``truncate``, ``reset``, ``status``.
+"""The library verbs: ``migrate``, ``truncate``, ``reset``, ``status``, ``list``,
+``drop``, ``mark``.
 
 Each takes :class:`~dbreset.settings.Settings` and returns a frozen result; none
 prints or exits. Errors are :class:`~dbreset.errors.DbResetError` subclasses.
+A verb that is interrupted (Ctrl-C) raises :class:`~dbreset.errors.Interrupted`
+saying what had committed by then.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, Any
 
-from dbreset import database, migrations, postgres
-from dbreset.errors import BusyError, ConfigError, DbResetError, MigrationError, TruncateError
+from dbreset import database, migrations, postgres, pristine
+from dbreset.errors import (
+    JSON_SCHEMA,
+    BusyError,
+    ConfigError,
+    ConnectError,
+    DbResetError,
+    Interrupted,
+    MigrationError,
+    SafetyError,
+    TruncateError,
+)
+from dbreset.redact import first_line, printable
 
 if TYPE_CHECKING:
     import psycopg
 
     from dbreset.settings import Settings
+
+
+#: ``progress("what is being done")`` is a context manager around a step that
+#: may take long; the command line shows it after about a second, on a terminal.
+Progress = Callable[[str], AbstractContextManager[object]]
+
+
+def _no_progress(label: str) -> AbstractContextManager[object]:
+    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- results
@@ -28,7 +52,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Result:
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"schema": JSON_SCHEMA, **asdict(self)}
 
 
 @dataclass(frozen=True)
@@ -37,8 +61,17 @@ class TableRows:
     rows: int
     #: True when there were more rows than were counted
     more: bool = False
-    #: "truncate" or "delete" (few rows, no triggers or rules: same end state, faster)
-    how: str = "truncate"
+    #: "truncate" or "delete" (few rows, no triggers or rules: same end state,
+    #: faster); None where nothing is being emptied (status)
+    how: str | None = "truncate"
+
+
+@dataclass(frozen=True)
+class Restored:
+    """A table whose rows were put back as a fresh migration leaves them."""
+
+    table: str
+    rows: int
 
 
 @dataclass(frozen=True)
@@ -66,9 +99,14 @@ class TruncateResult(Result):
     kept_sequences: tuple[str, ...] = ()
     #: empty tables truncated only because they reference a truncated one
     also_truncated: int = 0
-    #: sequences never called (PostgreSQL before 18 cannot tell cheaply whether
-    #: ``setval(..., false)`` moved one) set to their start without being read
+    #: sequences not called (PostgreSQL before 18 cannot tell cheaply whether
+    #: ``setval(..., false)`` moved one) set to their baseline without being read
     sequences_put_back: int = 0
+    #: seeded tables put back as a fresh migration leaves them (reset)
+    restored: tuple[Restored, ...] = ()
+    #: where the freshly migrated state came from; None: every table emptied
+    baseline: str | None = None
+    warnings: tuple[str, ...] = ()
     dry_run: bool = False
     elapsed_ms: float = 0.0
 
@@ -79,8 +117,20 @@ class ResetResult(Result):
     migrate: MigrateResult
     truncate: TruncateResult
     created: bool = False
+    #: dropped and cloned again from the pristine database (``--recreate``)
+    recreated: bool = False
+    #: the pristine database used, and whether this reset built it
+    pristine: str | None = None
+    pristine_built: bool = False
+    warnings: tuple[str, ...] = ()
     dry_run: bool = False
     elapsed_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Setting:
+    value: Any
+    source: str
 
 
 @dataclass(frozen=True)
@@ -94,29 +144,90 @@ class StatusResult(Result):
     nonempty: tuple[TableRows, ...]
     tables_checked: int
     holders: tuple[str, ...]
-    settings: dict[str, tuple[str, str]] = field(default_factory=dict)
+    settings: dict[str, Setting] = field(default_factory=dict)
     problem: str | None = None
+    #: revisions recorded in the database that these migrations do not know
+    unknown_revisions: tuple[str, ...] = ()
+    #: why the guard accepts it as a test database (name, mark, allowed_databases)
+    test_database: str | None = None
+
+
+@dataclass(frozen=True)
+class MadeDatabase:
+    name: str
+    #: pristine, worker, created, marked, building
+    kind: str
+    size_bytes: int | None
+    fingerprint: str | None
+    revision: tuple[str, ...]
+    #: made from the current migrations (pristine, worker); None where it does not apply
+    current: bool | None
+    made: str | None
+    last_used: str | None
+    connections: int
+    branch: str | None = None
+    #: why ``drop --stale`` would drop it, if it would
+    stale: str | None = None
+
+
+@dataclass(frozen=True)
+class ListResult(Result):
+    target: str
+    fingerprint: str | None
+    databases: tuple[MadeDatabase, ...]
+
+
+@dataclass(frozen=True)
+class DropResult(Result):
+    target: str
+    dropped: tuple[str, ...]
+    #: databases left, and why (in use, not stale)
+    kept: tuple[str, ...] = ()
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class MarkResult(Result):
+    target: str
+    database: str
+    already: bool
 
 
 def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 1)
 
 
-# --------------------------------------------------------------------------- plumbing
+# --------------------------------------------------------------------------- journal
 
 
-@contextmanager
-def _environ(name: str, value: str) -> Iterator[None]:
-    """env.py files often read the URL variable themselves: point it at our target."""
-    old = os.environ.get(name)
-    os.environ[name] = value
+class Journal:
+    """What has committed so far, to say the truth when interrupted."""
+
+    def __init__(self) -> None:
+        self.committed: list[str] = []
+
+    def done(self, what: str) -> None:
+        self.committed.append(what)
+
+    def interrupted(self) -> Interrupted:
+        if not self.committed:
+            return Interrupted("interrupted; nothing was changed")
+        return Interrupted(
+            f"interrupted after {'; '.join(self.committed)} had committed; nothing else was "
+            "changed: run the command again to finish"
+        )
+
+
+@contextlib.contextmanager
+def _journal() -> Iterator[Journal]:
+    journal = Journal()
     try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
+        yield journal
+    except KeyboardInterrupt:
+        raise journal.interrupted() from None
+
+
+# --------------------------------------------------------------------------- plumbing
 
 
 def _target(settings: Settings) -> database.Target:
@@ -132,41 +243,9 @@ def _project(settings: Settings, *, required: bool) -> migrations.Project | None
     return migrations.load_project(settings.alembic_config)
 
 
-def ensure_database(target: database.Target, settings: Settings) -> bool:
-    """Create the target database if it does not exist; True if it was created."""
-    import psycopg
-    from psycopg import sql
-
-    try:
-        database.connect(target, settings, role="create").close()
-        return False
-    except DbResetError as exc:
-        if "does not exist" not in str(exc):
-            raise
-    conn = None
-    for maintenance in ("postgres", "template1"):
-        try:
-            conn = database.connect(target, settings, role="create", dbname=maintenance)
-            break
-        except DbResetError:
-            continue
-    if conn is None:
-        raise database.connect_error(
-            psycopg.OperationalError("cannot reach a maintenance database (postgres, template1)"),
-            target,
-            target.dbname,
-        )
-    with conn:
-        try:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target.dbname)))
-        except psycopg.errors.DuplicateDatabase:
-            return False  # created by someone else meanwhile
-        except psycopg.errors.InsufficientPrivilege as exc:
-            raise ConfigError(
-                f"cannot create database {target.dbname!r}: {exc.diag.message_primary}; "
-                "grant CREATEDB to this role or create it once by hand"
-            ) from None
-    return True
+def _excludes(settings: Settings) -> list[postgres.Exclude]:
+    source = settings.sources.get("exclude", "--exclude")
+    return [postgres.Exclude(pattern, source) for pattern in settings.exclude]
 
 
 def _version_table(
@@ -179,96 +258,404 @@ def _version_table(
     return project.version_table_key
 
 
+def _branch_template(settings: Settings) -> tuple[str, str, str]:
+    """(database name as written, branch, worktree) when the URL has placeholders."""
+    if not settings.url_template:
+        return ("", "", "")
+    from urllib.parse import unquote, urlsplit
+
+    written = unquote(urlsplit(settings.url_template).path.lstrip("/"))
+    return (written, settings.branch or "", settings.worktree or "")
+
+
+class _Context:
+    """One operation on one target: what it learns once, in its first query."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        target: database.Target,
+        project: migrations.Project | None,
+        progress: Progress | None,
+        journal: Journal,
+    ) -> None:
+        self.settings = settings
+        self.target = target
+        self.project = project
+        self.progress = progress or _no_progress
+        self.journal = journal
+        self.fingerprint: str | None = None
+        self.cached: migrations.CachedHeads | None = None
+        if project is not None:
+            self.fingerprint = migrations.fingerprint(project)
+            self.cached = migrations.read_cache(project, self.fingerprint)
+        self.version_table = _version_table(project, self.cached)
+        self.probe: postgres.Probe | None = None
+        #: the freshly migrated state a reset used
+        self.baseline: pristine.Baseline | None = None
+
+    def pristine_name(self) -> str:
+        fingerprint = self.fingerprint or "none"
+        return pristine.pristine_name(self.target.dbname, fingerprint)
+
+    def first_query(self, conn: psycopg.Connection[Any]) -> postgres.Probe:
+        self.probe = postgres.probe(
+            conn, version_table=self.version_table, pristine=self.pristine_name()
+        )
+        return self.probe
+
+    def guard(self, action: str = "empty") -> None:
+        """The test-database guard, on what the first query found."""
+        assert self.probe is not None
+        database.check_test_database(
+            self.probe.dbname, self.settings, database.parse_mark(self.probe.comment), action=action
+        )
+
+
+def _connect(ctx: _Context, role: str, *, create: bool = False) -> psycopg.Connection[Any]:
+    """Connect to the target, creating it first (from the pristine database)
+    when *create* and it does not exist; the context's first query is made."""
+    try:
+        conn = database.connect(ctx.target, ctx.settings, role=role)
+    except ConnectError as exc:
+        if not create or "does not exist" not in str(exc):
+            raise
+        _create_target(ctx)
+        conn = database.connect(ctx.target, ctx.settings, role=role)
+    try:
+        ctx.first_query(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _create_target(ctx: _Context) -> None:
+    """Create the missing target as a clone of its pristine database (so that
+    it starts freshly migrated), or empty when there are no migrations to
+    clone from. Two processes creating it at once take turns."""
+    import psycopg
+    from psycopg import sql
+
+    target, settings = ctx.target, ctx.settings
+    database.check_test_database(target.dbname, settings, None, action="create")
+    with (
+        database.connect_maintenance(target, settings, role="create") as conn,
+        pristine.creating(conn, target.dbname, wait=settings.wait),
+    ):
+        if pristine.exists(conn, target.dbname) is not None:
+            return  # created by someone else meanwhile
+        template, branch, worktree = _branch_template(settings)
+        mark = database.Mark(
+            "created",
+            template=template,
+            branch=branch,
+            worktree=worktree,
+            made=database.now_iso(),
+        )
+        try:
+            made = _ensure_pristine_for_create(ctx)
+            if made is not None:
+                ctx.fingerprint = made.baseline.fingerprint
+                pristine.clone(
+                    conn,
+                    source=made.name,
+                    name=target.dbname,
+                    mark=mark._replace(fingerprint=made.baseline.fingerprint),
+                )
+            else:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target.dbname)))
+                pristine.set_mark(conn, target.dbname, mark)
+        except (psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
+            return  # created by someone else meanwhile
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise ConfigError(
+                f"cannot create database {printable(target.dbname)!r}: "
+                f"{exc.diag.message_primary}; grant CREATEDB to this role or create it once by hand"
+            ) from None
+        except psycopg.errors.ReadOnlySqlTransaction:
+            raise ConnectError(
+                f"cannot create database {printable(target.dbname)!r}: {target.display} is a "
+                "read-only server (a hot standby?); point the URL at the primary"
+            ) from None
+    ctx.journal.done(f"creating {printable(target.dbname)!r}")
+
+
+def _ensure_pristine_for_create(ctx: _Context) -> pristine.Pristine | None:
+    if ctx.project is None:
+        return None
+    fingerprint = migrations.fingerprint_of(ctx.project)
+    try:
+        return pristine.ensure(
+            ctx.target,
+            ctx.settings,
+            ctx.project,
+            fingerprint=fingerprint,
+            template=_branch_template(ctx.settings),
+            progress=ctx.progress,
+        )
+    except pristine.NoPristine:
+        return None
+
+
+# --------------------------------------------------------------------------- migrate
+
+
 def _migrate_locked(
-    conn: psycopg.Connection[Any],
-    project: migrations.Project,
-    target: database.Target,
-    settings: Settings,
-    *,
-    dry_run: bool,
+    conn: psycopg.Connection[Any], ctx: _Context, *, dry_run: bool
 ) -> MigrateResult:
     start = time.perf_counter()
-    key = migrations.fingerprint(project)
-    cached = migrations.read_cache(project, key)
-    version_table = _version_table(project, cached)
-    current = migrations.database_heads(conn, version_table)
-    label = ".".join(version_table)
-    if cached is not None and current == cached.heads:
+    project, target = ctx.project, ctx.target
+    assert project is not None and ctx.probe is not None
+    cached = ctx.cached
+    version_table = ctx.version_table
+    current = migrations.database_heads(conn, version_table, exists=ctx.probe.version_table_exists)
+    label = printable(".".join(version_table))
+
+    def result(heads: tuple[str, ...], **kw: Any) -> MigrateResult:
         return MigrateResult(
             target.masked_url,
             current,
-            current,
-            current,
-            False,
-            version_table=label,
+            kw.pop("after", current),
+            heads,
+            kw.pop("upgraded", False),
+            version_table=kw.pop("version_table", label),
             dry_run=dry_run,
             elapsed_ms=_ms(start),
+            **kw,
         )
+
+    if cached is not None and current == cached.heads:
+        return result(current)
     heads = migrations.script_heads(project)
     if current == heads:
-        migrations.write_cache(project, key, migrations.CachedHeads(heads, version_table))
-        return MigrateResult(
-            target.masked_url,
-            current,
-            current,
-            heads,
-            False,
-            version_table=label,
-            dry_run=dry_run,
-            elapsed_ms=_ms(start),
+        migrations.write_cache(
+            project, ctx.fingerprint, migrations.CachedHeads(heads, version_table)
+        )
+        return result(heads)
+    unknown = migrations.unknown_revisions(project, current)
+    if unknown:
+        raise MigrationError(
+            f"{printable(target.dbname)!r} is at revision {', '.join(unknown)}, which these "
+            "migrations do not know (made on another branch?); rebuild it from the migrations "
+            "with: dbreset reset --recreate"
         )
     if dry_run:
-        pending = migrations.pending_revisions(project, current)
-        return MigrateResult(
-            target.masked_url,
-            current,
-            current,
-            heads,
-            False,
-            pending=pending,
-            version_table=label,
-            dry_run=True,
-            elapsed_ms=_ms(start),
+        return result(heads, pending=migrations.pending_revisions(project, current))
+    with ctx.progress(f"migrating {printable(target.dbname)}"):
+        outcome = migrations.upgrade_checked(
+            project, target.url, ctx.settings, expect=ctx.probe.dbname, watch=conn
         )
-    with _environ(settings.url_env, target.url):
-        outcome = migrations.upgrade(project, target.url)
     after = migrations.database_heads(conn, outcome.version_table)
     if after != heads:
         raise MigrationError(
             f"after the upgrade {target.display} is at {', '.join(after) or 'no revision'} "
             f"but the scripts' heads are {', '.join(heads)}: does env.py use another URL?"
         )
-    migrations.write_cache(project, key, migrations.CachedHeads(heads, outcome.version_table))
-    return MigrateResult(
-        target.masked_url,
-        outcome.before,
-        after,
+    ctx.journal.done(f"the migration to {', '.join(after)}")
+    ctx.version_table = outcome.version_table
+    migrations.write_cache(
+        project, ctx.fingerprint, migrations.CachedHeads(heads, outcome.version_table)
+    )
+    return result(
         heads,
-        outcome.before != after,
-        version_table=".".join(outcome.version_table),
-        elapsed_ms=_ms(start),
+        after=after,
+        upgraded=outcome.before != after,
+        version_table=printable(".".join(outcome.version_table)),
     )
 
 
-def _truncate_locked(
+def migrate(settings: Settings, *, progress: Progress | None = None) -> MigrateResult:
+    """Upgrade the database to the scripts' heads (skipped when already there)."""
+    with _journal() as journal:
+        target = _target(settings)
+        project = _project(settings, required=True)
+        ctx = _Context(settings, target, project, progress, journal)
+        with (
+            _connect(ctx, "migrate") as conn,
+            database.exclusive_lock(conn, wait=settings.wait, target=target),
+        ):
+            return _migrate_locked(conn, ctx, dry_run=False)
+
+
+# --------------------------------------------------------------------------- restore
+
+
+class _Decision:
+    """What a reset or truncate found, and the transaction that puts it right."""
+
+    def __init__(self, plan: postgres.Plan) -> None:
+        self.plan = plan
+        self.counts: dict[int, int] = {}
+        self.work = postgres.Emptying()
+        self.restored: list[Restored] = []
+        #: tables with seeded rows: reported as restored, not as emptied
+        self.holding: set[int] = set()
+
+
+def _decide(
     conn: psycopg.Connection[Any],
-    target: database.Target,
-    settings: Settings,
+    plan: postgres.Plan,
+    baseline: pristine.Baseline | None,
     *,
-    version_table: tuple[str, str],
     dry_run: bool,
+) -> _Decision:
+    """Which tables are not as the baseline has them (every table empty, without
+    one), and what puts them back.
+
+    Tables with pages are counted, except the small ones that DELETE would
+    empty (their DELETE tells how many rows it removed); seeded tables are
+    compared with their baseline's digest. A dry run counts them all.
+    """
+    decision = _Decision(plan)
+    seeded = dict(baseline.tables) if baseline is not None else {}
+    expected = dict(baseline.sequences) if baseline is not None else None
+    pages = postgres.file_pages(conn, plan.tables)
+    seeded_leaves = [leaf for t in plan.tables for leaf in t.leaves if leaf.key in seeded]
+    found = postgres.contents(conn, seeded_leaves)
+    changed_leaves: set[int] = set()
+    for leaf in seeded_leaves:
+        base = seeded[leaf.key]
+        now = found[leaf.oid]
+        if now.columns != base.columns:
+            raise TruncateError(
+                f"{printable(leaf.key)} does not have the columns a fresh migration gives it "
+                f"({printable(now.columns)} instead of {printable(base.columns)}), so its "
+                "seeded rows cannot be put back; rebuild the database with: "
+                "dbreset reset --recreate"
+            )
+        if (now.rows, now.digest) != (base.row_count, base.digest):
+            changed_leaves.add(leaf.oid)
+    holding = {t.oid for t in plan.tables if any(leaf.key in seeded for leaf in t.leaves)}
+    small = {
+        t.oid
+        for t in plan.tables
+        if 0 < pages.get(t.oid, 0) <= postgres.DELETE_MAX_PAGES and plan.deletable(t)
+    }
+    presumed = set() if dry_run else {t.oid for t in plan.tables if t.oid in small} - holding
+    # the rows of tables (or, of a seeded partitioned table, leaves) with no baseline
+    counted = [
+        t._replace(leaves=tuple(leaf for leaf in t.leaves if leaf.key not in seeded))
+        for t in plan.tables
+        if t.oid in pages and t.oid not in presumed
+    ]
+    counts = postgres.row_counts(conn, [t for t in counted if t.leaves])
+    dirty = [
+        t
+        for t in plan.tables
+        if t.oid in presumed
+        or counts.get(t.oid)
+        or t.has_truncate_trigger
+        or any(leaf.oid in changed_leaves for leaf in t.leaves)
+    ]
+    replica = postgres.superuser(conn)
+    truncated, deleted = plan.split(
+        dirty,
+        small,
+        holding=frozenset(holding - {t.oid for t in dirty}),
+        checked_keys=not replica,
+    )
+    emptied = {t.oid for t in (*truncated, *deleted)}
+    # small tables that end up truncated after all: count them for the report
+    counts.update(postgres.row_counts(conn, [t for t in truncated if t.oid in presumed]))
+    by_oid = {t.oid: t for t in plan.tables}
+    restores: list[postgres.Restore] = []
+    for oid in plan.insert_order(emptied & holding):
+        for leaf in by_oid[oid].leaves:
+            if leaf.key in seeded:
+                base = seeded[leaf.key]
+                restores.append(postgres.Restore(leaf, base.writable, base.rows, base.row_count))
+                decision.restored.append(Restored(leaf.qualified, base.row_count))
+    put_back: list[postgres.Sequence_] = []
+    if dry_run or postgres.reads_sequence_state(conn):
+        restart = postgres.dirty_sequences(conn, plan.sequences, expected)
+    else:
+        restart = postgres.called_sequences(conn, plan.sequences, expected)
+        put_back = [s for s in plan.sequences if s.oid not in restart]
+    work = postgres.Emptying(
+        truncate=truncated,
+        delete=deleted,
+        restore=restores,
+        replica=replica,
+        restart=[s for s in plan.sequences if s.oid in restart],
+        put_back=put_back,
+        expected=expected,
+    )
+    if baseline is not None:
+        work.matviews = _stale_matviews(conn, plan, baseline)
+    elif any(t.oid not in presumed or counts.get(t.oid) for t in dirty):
+        # Emptying a table with rows makes every populated materialized view
+        # stale; else only those that are not empty are.
+        work.matviews = [(v, True) for v in plan.matviews if v.populated]
+    elif dirty:
+        work.matviews_unless_clean = [v for v in plan.matviews if v.populated]
+    else:
+        stale = postgres.nonempty_matviews(conn, plan.matviews)
+        work.matviews = [(v, True) for v in plan.matviews if v.oid in stale]
+    if restores and not dry_run:
+        work.quiet = postgres.quiet_inserts(conn, restores, replica=replica)
+    decision.counts = counts
+    decision.work = work
+    decision.holding = holding
+    return decision
+
+
+def _stale_matviews(
+    conn: psycopg.Connection[Any], plan: postgres.Plan, baseline: pristine.Baseline
+) -> list[tuple[postgres.Matview, bool]]:
+    """Materialized views that do not show what a fresh migration shows: only a
+    refresh changes one, so one refreshed since is refreshed again (after the
+    tables are put back), and one never refreshed still shows the baseline."""
+    views = [v for v in plan.matviews if v.key in baseline.matviews]
+    shown = postgres.contents(conn, [v for v in views if v.populated], only=False)
+    stale: list[tuple[postgres.Matview, bool]] = []
+    for view in views:
+        want = baseline.matviews[view.key]
+        if not want.populated:
+            if view.populated:
+                stale.append((view, False))
+        elif not view.populated or (shown[view.oid].rows, shown[view.oid].digest) != (
+            want.row_count,
+            want.digest,
+        ):
+            stale.append((view, True))
+    return stale
+
+
+def _restore_locked(
+    conn: psycopg.Connection[Any],
+    ctx: _Context,
+    baseline: pristine.Baseline | None,
+    *,
+    dry_run: bool,
+    warnings: Sequence[str] = (),
+    pending: bool = False,
 ) -> TruncateResult:
+    """Put every chosen table and sequence where *baseline* has it (without one:
+    empty, at its start), in one transaction, locking only what changes."""
     import psycopg
 
     start = time.perf_counter()
+    settings, target = ctx.settings, ctx.target
     plan = postgres.plan_truncate(
-        conn, schemas=settings.schemas, exclude=settings.exclude, version_table=version_table
+        conn,
+        schemas=settings.schemas,
+        exclude=_excludes(settings),
+        version_table=ctx.version_table,
+        missing_ok=pending,  # a dry run before migrations that make the schema
     )
+    all_warnings = [*warnings]
+    all_warnings += [f"{label} matched no table" for label in plan.unmatched_excludes]
+    decision = _decide(conn, plan, baseline, dry_run=dry_run)
+    work = decision.work
 
-    def result(counts: dict[int, int], work: postgres.Emptying) -> TruncateResult:
+    def result() -> TruncateResult:
         cap = postgres.ROW_COUNT_CAP
-        counts = {**counts, **work.deleted}
+        counts = {**decision.counts, **work.deleted}
+        for oid in decision.holding:
+            counts[oid] = decision.counts.get(oid, 0)
         deleted = {t.oid for t in work.delete}
+        restored_oids = {r.leaf.oid for r in work.restore}
         return TruncateResult(
             target=target.masked_url,
             emptied=tuple(
@@ -283,458 +670,619 @@ def _truncate_locked(
             ),
             tables_checked=len(plan.tables),
             sequences_restarted=tuple(s.qualified for s in work.restart),
-            matviews_refreshed=tuple(v.qualified for v in work.matviews),
+            matviews_refreshed=tuple(v.qualified for v, _ in work.matviews),
             excluded=plan.excluded,
             kept_sequences=plan.kept_sequences,
-            also_truncated=sum(1 for t in work.truncate if not counts.get(t.oid)),
+            also_truncated=sum(
+                1
+                for t in work.truncate
+                if not counts.get(t.oid) and not any(leaf.oid in restored_oids for leaf in t.leaves)
+            ),
             sequences_put_back=len(work.put_back),
+            restored=tuple(decision.restored),
+            baseline=baseline.source if baseline is not None else None,
+            warnings=tuple(all_warnings),
             dry_run=dry_run,
             elapsed_ms=_ms(start),
         )
 
-    def decide() -> tuple[dict[int, int], postgres.Emptying]:
-        """Which tables hold rows, and what empties them.
-
-        Tables with pages are counted, except the small ones that DELETE would
-        empty (their DELETE tells how many rows it removed). A dry run counts
-        them all.
-        """
-        pages = postgres.file_pages(conn, plan.tables)
-        small = {
-            t.oid
-            for t in plan.tables
-            if 0 < pages.get(t.oid, 0) <= postgres.DELETE_MAX_PAGES and plan.deletable(t)
-        }
-        presumed = set() if dry_run else small
-        counted = [t for t in plan.tables if t.oid in pages and t.oid not in presumed]
-        counts = postgres.row_counts(conn, counted)
-        dirty = [
-            t
-            for t in plan.tables
-            if t.oid in presumed or counts.get(t.oid) or t.has_truncate_trigger
-        ]
-        truncated, deleted = plan.split(dirty, small)
-        # small tables that end up truncated after all: count them for the report
-        counts.update(postgres.row_counts(conn, [t for t in truncated if t.oid in presumed]))
-        put_back: list[postgres.Sequence_] = []
-        if dry_run or postgres.reads_sequence_state(conn):
-            restart = postgres.dirty_sequences(conn, plan.sequences)
-        else:
-            restart = postgres.called_sequences(conn, plan.sequences)
-            put_back = [s for s in plan.sequences if s.oid not in restart]
-        work = postgres.Emptying(
-            truncate=truncated,
-            delete=deleted,
-            restart=[s for s in plan.sequences if s.oid in restart],
-            put_back=put_back,
-        )
-        # Emptying a table with rows makes every materialized view stale; else
-        # only those that are not empty are.
-        if any(t.oid not in presumed or counts.get(t.oid) for t in dirty):
-            work.matviews = list(plan.matviews)
-        elif dirty:
-            work.matviews_unless_clean = plan.matviews
-        else:
-            stale = postgres.nonempty_matviews(conn, plan.matviews)
-            work.matviews = [v for v in plan.matviews if v.oid in stale]
-        return counts, work
-
     if dry_run:
-        counts, work = decide()
         # what the DELETEs would report: the rows counted
-        work.deleted.update({t.oid: counts.get(t.oid, 0) for t in work.delete})
-        return result(counts, work)
-
+        work.deleted.update({t.oid: decision.counts.get(t.oid, 0) for t in work.delete})
+        return result()
+    units = [*work.truncate, *work.delete]
+    changes = units or work.restart or work.put_back or work.matviews
+    if not changes and not work.matviews_unless_clean:
+        return result()
+    postgres.check_lock_table(conn, units)
+    xid: str | None = None
+    label = f"the reset of {printable(target.dbname)!r}"
     try:
         try:
-            conn.execute(postgres.begin_statement(plan.tables, wait=settings.wait))
-            counts, work = decide()
-            work.run(conn)  # commits
-        except BaseException:
+            with ctx.progress(f"emptying {len(units)} tables of {printable(target.dbname)}"):
+                xid = postgres.begin(conn, units, wait=settings.wait)
+                work.run(conn)  # commits
+        except BaseException as exc:
+            if work.committing and xid is not None:
+                outcome = _commit_outcome(conn, ctx, xid)
+                if outcome == "committed":
+                    ctx.journal.done(label)
+                    if isinstance(exc, KeyboardInterrupt):
+                        raise
+                    return result()
+                if outcome is None:
+                    raise ConnectError(
+                        f"the connection to {target.display} was lost while {label} was "
+                        "committing: whether it committed is unknown; check with dbreset status"
+                    ) from None
             postgres.rollback(conn)
             raise
     except psycopg.errors.LockNotAvailable:
-        holders = postgres.blockers(conn, plan.tables)
+        holders = postgres.blockers(conn, units)
         named = "; ".join(h.describe() for h in holders) or "they have gone since; try again"
         raise BusyError(
-            f"could not lock the tables of {target.dbname!r} within {settings.wait:g}s, "
+            f"could not lock the tables of {printable(target.dbname)!r} within {settings.wait:g}s, "
             f"other connections hold them: {named}. Close those sessions (an idle "
             "transaction still holds its locks) or pass --wait SECONDS"
         ) from None
     except psycopg.errors.InsufficientPrivilege as exc:
         raise TruncateError(
             f"permission denied: {exc.diag.message_primary}; run as the tables' owner or "
-            "GRANT TRUNCATE (and UPDATE on their sequences) to this role"
+            "GRANT TRUNCATE, DELETE, INSERT (and UPDATE on their sequences) to this role; "
+            "nothing was changed"
         ) from None
-    except psycopg.errors.FeatureNotSupported as exc:
+    except psycopg.errors.OutOfMemory as exc:
         raise TruncateError(
-            f"cannot empty {target.dbname!r}: {exc.diag.message_primary} "
-            f"({exc.diag.message_detail or ''}); nothing was changed"
+            f"cannot empty {printable(target.dbname)!r}: {exc.diag.message_primary} "
+            f"({exc.diag.message_hint or 'raise max_locks_per_transaction'}); nothing was changed"
+        ) from None
+    except psycopg.errors.ReadOnlySqlTransaction:
+        raise TruncateError(
+            f"cannot empty {printable(target.dbname)!r}: {target.display} is a read-only server "
+            "(a hot standby?); point the URL at the primary. Nothing was changed"
+        ) from None
+    except psycopg.errors.QueryCanceled as exc:
+        raise TruncateError(
+            f"cannot empty {printable(target.dbname)!r}: {exc.diag.message_primary}; "
+            "nothing was changed"
+        ) from None
+    except psycopg.OperationalError as exc:
+        raise ConnectError(
+            f"lost the connection to {target.display} before {label} committed: "
+            f"{database.scrub(first_line(exc), target.url)}; nothing was changed"
         ) from None
     except psycopg.DatabaseError as exc:
         raise TruncateError(
-            f"cannot empty {target.dbname!r}: {exc.diag.message_primary or exc}; "
-            "nothing was changed"
+            f"cannot empty {printable(target.dbname)!r}: {exc.diag.message_primary or exc}"
+            + (f" ({exc.diag.message_detail})" if exc.diag.message_detail else "")
+            + "; nothing was changed"
         ) from None
-    return result(counts, work)
+    ctx.journal.done(label)
+    return result()
 
 
-# --------------------------------------------------------------------------- verbs
+def _commit_outcome(conn: psycopg.Connection[Any], ctx: _Context, xid: str) -> str | None:
+    """'committed', 'aborted', or None when nobody can tell (the server is gone)."""
+    import psycopg
 
+    def ask(c: psycopg.Connection[Any]) -> str | None:
+        row = c.execute(postgres.XACT_STATUS_SQL, (xid,)).fetchone()
+        return str(row[0]) if row and row[0] else None
 
-def migrate(settings: Settings) -> MigrateResult:
-    """Upgrade the database to the scripts' heads (skipped when already there)."""
-    target = _target(settings)
-    project = _project(settings, required=True)
-    assert project is not None
+    with contextlib.suppress(psycopg.Error, DbResetError):
+        if not conn.closed and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            return ask(conn)
     with (
-        database.connect(target, settings, role="migrate") as conn,
-        database.exclusive_lock(conn, wait=settings.wait, target=target),
+        contextlib.suppress(psycopg.Error, DbResetError),
+        database.connect(ctx.target, ctx.settings, role="status") as fresh,
     ):
-        return _migrate_locked(conn, project, target, settings, dry_run=False)
+        status = ask(fresh)
+        return "aborted" if status == "in progress" else status
+    return None
 
 
-def truncate(settings: Settings, *, dry_run: bool = False) -> TruncateResult:
+# --------------------------------------------------------------------------- truncate & reset
+
+
+def truncate(
+    settings: Settings, *, dry_run: bool = False, progress: Progress | None = None
+) -> TruncateResult:
     """Empty every table of the chosen schemas and restart their sequences."""
-    target = _target(settings)
-    project = _project(settings, required=False)
-    with database.connect(target, settings, role="truncate") as conn:
-        cached = None
-        if project is not None:
-            cached = migrations.read_cache(project, migrations.fingerprint(project))
-        version_table = _version_table(project, cached)
-        if dry_run:
-            return _truncate_locked(
-                conn, target, settings, version_table=version_table, dry_run=True
-            )
-        with database.exclusive_lock(conn, wait=settings.wait, target=target):
-            return _truncate_locked(
-                conn, target, settings, version_table=version_table, dry_run=False
-            )
+    with _journal() as journal:
+        target = _target(settings)
+        project = _project(settings, required=False)
+        ctx = _Context(settings, target, project, progress, journal)
+        with _connect(ctx, "truncate") as conn:
+            ctx.guard()
+            if dry_run:
+                return _restore_locked(conn, ctx, None, dry_run=True)
+            with database.exclusive_lock(conn, wait=settings.wait, target=target):
+                return _restore_locked(conn, ctx, None, dry_run=False)
+
+
+class _Baseline:
+    def __init__(
+        self,
+        baseline: pristine.Baseline | None,
+        pristine_db: pristine.Pristine | None = None,
+        warning: str | None = None,
+    ) -> None:
+        self.baseline = baseline
+        self.pristine = pristine_db
+        self.warning = warning
+
+
+def _find_baseline(ctx: _Context, *, dry_run: bool) -> _Baseline:
+    """The freshly migrated state of the target's migrations: from its pristine
+    database (built when missing, except in a dry run), else remembered from
+    when dbreset migrated the target itself from empty."""
+    assert ctx.project is not None and ctx.probe is not None
+    if ctx.fingerprint is None:
+        ctx.fingerprint = migrations.fingerprint_of(ctx.project)
+    known = (ctx.probe.pristine_oid, ctx.probe.pristine_comment)
+    mark = database.parse_mark(ctx.probe.pristine_comment)
+    if dry_run:
+        found = pristine.load(mark.digest) if mark is not None and mark.digest else None
+        if found is None:
+            found = pristine.recall_for_target(ctx.target, ctx.probe.database_oid, ctx.fingerprint)
+        note = None if found else "the pristine database would be built first"
+        return _Baseline(found, None, note)
+    try:
+        made = pristine.ensure(
+            ctx.target,
+            ctx.settings,
+            ctx.project,
+            fingerprint=ctx.fingerprint,
+            known=known,
+            template=_branch_template(ctx.settings),
+            progress=ctx.progress,
+        )
+        return _Baseline(made.baseline, made)
+    except pristine.NoPristine as exc:
+        remembered = pristine.recall_for_target(ctx.target, ctx.probe.database_oid, ctx.fingerprint)
+        if remembered is not None:
+            return _Baseline(remembered)
+        return _Baseline(None, None, pristine.no_pristine_note(ctx.target, str(exc)))
+
+
+#: Whether a database holds any relation of its own (before a first migration).
+HAS_RELATIONS_SQL = """
+SELECT EXISTS (SELECT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+               WHERE c.relkind IN ('r', 'p', 'S', 'v', 'm', 'f')
+                 AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%')
+"""
 
 
 def _reset_on(
     conn: psycopg.Connection[Any],
-    target: database.Target,
-    settings: Settings,
-    project: migrations.Project,
+    ctx: _Context,
     *,
     dry_run: bool,
     created: bool,
     start: float,
 ) -> ResetResult:
-    migrated = _migrate_locked(conn, project, target, settings, dry_run=dry_run)
-    schema, _, table = migrated.version_table.rpartition(".")
-    emptied = _truncate_locked(
-        conn, target, settings, version_table=(schema, table), dry_run=dry_run
+    found = _find_baseline(ctx, dry_run=dry_run)
+    was_empty = False
+    if found.baseline is None and not dry_run:
+        has = conn.execute(HAS_RELATIONS_SQL).fetchone()
+        was_empty = has is not None and not has[0]
+    migrated = _migrate_locked(conn, ctx, dry_run=dry_run)
+    warnings = [found.warning] if found.warning else []
+    baseline = found.baseline
+    if baseline is None and was_empty and migrated.upgraded:
+        # Migrated from empty by dbreset itself: this is the freshly migrated state.
+        assert ctx.probe is not None and ctx.fingerprint is not None
+        baseline = pristine.capture(
+            conn,
+            fingerprint=ctx.fingerprint,
+            heads=migrated.after,
+            version_table=ctx.version_table,
+            source=f"{ctx.target.dbname} when dbreset migrated it from empty",
+        )
+        pristine.remember_for_target(ctx.target, ctx.probe.database_oid, baseline)
+        warnings = []
+    ctx.baseline = baseline
+    emptied = _restore_locked(
+        conn, ctx, baseline, dry_run=dry_run, warnings=warnings, pending=bool(migrated.pending)
     )
     return ResetResult(
-        target.masked_url,
+        ctx.target.masked_url,
         migrated,
         emptied,
         created=created,
+        pristine=found.pristine.name if found.pristine else None,
+        pristine_built=bool(found.pristine and found.pristine.built),
+        warnings=emptied.warnings,
         dry_run=dry_run,
         elapsed_ms=_ms(start),
     )
 
 
-def reset(settings: Settings, *, dry_run: bool = False, create: bool = False) -> ResetResult:
-    """Migrate to head, then empty every table and restart every sequence."""
+def reset(
+    settings: Settings,
+    *,
+    dry_run: bool = False,
+    create: bool = False,
+    recreate: bool = False,
+    progress: Progress | None = None,
+) -> ResetResult:
+    """Migrate to head and put the database back as a fresh migration leaves it:
+    seeded rows as the migrations leave them, every other row gone, every
+    sequence where a fresh migration leaves it. ``recreate`` drops the database
+    and clones it again from the pristine database."""
     start = time.perf_counter()
-    target = _target(settings)
-    project = _project(settings, required=True)
-    assert project is not None
-    created = ensure_database(target, settings) if create and not dry_run else False
-    with database.connect(target, settings, role="reset") as conn:
-        if dry_run:
-            return _reset_on(
-                conn, target, settings, project, dry_run=True, created=False, start=start
-            )
-        with database.exclusive_lock(conn, wait=settings.wait, target=target):
-            return _reset_on(
-                conn, target, settings, project, dry_run=False, created=created, start=start
-            )
+    with _journal() as journal:
+        target = _target(settings)
+        project = _project(settings, required=True)
+        ctx = _Context(settings, target, project, progress, journal)
+        if recreate and not dry_run:
+            return _recreate(ctx, start)
+        created_before = len(journal.committed)
+        conn = _connect(ctx, "reset", create=create and not dry_run)
+        created = len(journal.committed) > created_before
+        with conn:
+            ctx.guard()
+            if dry_run:
+                return _reset_on(conn, ctx, dry_run=True, created=False, start=start)
+            with database.exclusive_lock(conn, wait=settings.wait, target=target):
+                return _reset_on(conn, ctx, dry_run=False, created=created, start=start)
 
 
-class SessionGuard:
-    """A connection that holds the database for a running test session.
+def _recreate(ctx: _Context, start: float) -> ResetResult:
+    """Drop the target and clone it from the pristine database: for a database
+    at a revision these migrations do not know (another branch's)."""
+    import psycopg
 
-    While it is open, resets and migrations from elsewhere are refused (or wait).
-    Closing it (or the process ending) lets go.
-    """
-
-    def __init__(self, conn: psycopg.Connection[Any], target: database.Target) -> None:
-        self.conn = conn
-        self.target = target
-
-    def close(self) -> None:
-        if not self.conn.closed:
-            self.conn.close()
-
-
-def reset_and_guard(
-    settings: Settings, *, create: bool = False
-) -> tuple[ResetResult, SessionGuard]:
-    """Reset, then keep holding the database for a test session (shared lock)."""
-    start = time.perf_counter()
-    target = _target(settings)
-    project = _project(settings, required=True)
-    assert project is not None
-    created = ensure_database(target, settings) if create else False
-    conn = database.connect(target, settings, role="pytest session")
+    target, settings = ctx.target, ctx.settings
+    assert ctx.project is not None
+    fingerprint = migrations.fingerprint_of(ctx.project)
+    ctx.fingerprint = fingerprint
     try:
-        database.acquire_exclusive(conn, wait=settings.wait, target=target)
-        result = _reset_on(
-            conn, target, settings, project, dry_run=False, created=created, start=start
+        conn = database.connect(target, settings, role="reset")
+    except ConnectError as exc:
+        if "does not exist" not in str(exc):
+            raise
+        conn = None
+    mark = database.Mark("created", made=database.now_iso())
+    keep: str | None = None
+    if conn is not None:
+        with conn:
+            probe = ctx.first_query(conn)
+            ctx.guard(action="recreate")
+            old = database.parse_mark(probe.comment)
+            if old is not None:
+                mark = old._replace(kind="created" if old.kind != "marked" else "marked")
+            keep = probe.comment
+            with database.exclusive_lock(conn, wait=settings.wait, target=target):
+                made = pristine.ensure(
+                    target,
+                    settings,
+                    ctx.project,
+                    fingerprint=fingerprint,
+                    known=(probe.pristine_oid, probe.pristine_comment),
+                    template=_branch_template(settings),
+                    progress=ctx.progress,
+                )
+    else:
+        database.check_test_database(target.dbname, settings, None, action="create")
+        made = pristine.ensure(
+            target,
+            settings,
+            ctx.project,
+            fingerprint=fingerprint,
+            template=_branch_template(settings),
+            progress=ctx.progress,
         )
-        database.hold_for_session(conn)
-    except BaseException:
-        conn.close()
-        raise
-    return result, SessionGuard(conn, target)
+    template, branch, worktree = _branch_template(settings)
+    mark = mark._replace(
+        fingerprint=fingerprint,
+        made=database.now_iso(),
+        template=template or mark.template,
+        branch=branch or mark.branch,
+        worktree=worktree or mark.worktree,
+    )
+    with (
+        database.connect_maintenance(target, settings, role="reset") as admin,
+        pristine.creating(admin, target.dbname, wait=settings.wait),
+    ):
+        if conn is not None:
+            pristine.drop_database(admin, target.dbname)
+            ctx.journal.done(f"dropping {printable(target.dbname)!r}")
+        try:
+            pristine.clone(admin, source=made.name, name=target.dbname, mark=mark, retries=20)
+            if keep and mark.kind == "marked":
+                pristine.set_mark(admin, target.dbname, mark, keep)
+        except psycopg.Error as exc:
+            raise TruncateError(
+                f"{printable(target.dbname)!r} was dropped but could not be cloned from "
+                f"{printable(made.name)!r}: {exc}; run dbreset reset --create"
+            ) from None
+    ctx.journal.done(f"cloning {printable(target.dbname)!r}")
+    label = printable(".".join(ctx.version_table))
+    heads = made.baseline.heads
+    migrated = MigrateResult(target.masked_url, (), heads, heads, False, version_table=label)
+    emptied = TruncateResult(target.masked_url, (), 0, (), (), (), baseline=made.baseline.source)
+    return ResetResult(
+        target.masked_url,
+        migrated,
+        emptied,
+        created=True,
+        recreated=True,
+        pristine=made.name,
+        pristine_built=made.built,
+        elapsed_ms=_ms(start),
+    )
+
+
+# --------------------------------------------------------------------------- status
+
+
+def _typed_settings(settings: Settings) -> dict[str, Setting]:
+    def value(key: str) -> Any:
+        raw = getattr(settings, key)
+        if key in ("url", "url_template"):
+            return database.mask_url(raw) if raw else None
+        if key == "alembic_config":
+            return str(raw)
+        if isinstance(raw, tuple):
+            return list(raw)
+        return raw
+
+    keys = (
+        "url",
+        "url_env",
+        "alembic_config",
+        "schemas",
+        "exclude",
+        "allowed_hosts",
+        "allow_remote",
+        "wait",
+        "export_env",
+        "allowed_databases",
+    )
+    shown = {key: Setting(value(key), settings.sources.get(key, "default")) for key in keys}
+    if settings.url_template:
+        shown["url_template"] = Setting(value("url_template"), settings.sources.get("url", ""))
+        shown["branch"] = Setting(settings.branch, "git")
+    return shown
 
 
 def status(settings: Settings) -> StatusResult:
     """Where the database stands: revision, leftover rows, who holds it, settings."""
-    target = _target(settings)
-    project = _project(settings, required=False)
-    with database.connect(target, settings, role="status") as conn:
-        row = conn.execute(postgres.SERVER_SQL).fetchone()
-        assert row is not None
-        version, dbname = row
-        heads: tuple[str, ...] = ()
-        cached = None
-        if project is not None:
-            key = migrations.fingerprint(project)
-            cached = migrations.read_cache(project, key)
-            heads = cached.heads if cached else migrations.script_heads(project)
-        version_table = _version_table(project, cached)
-        current = migrations.database_heads(conn, version_table)
-        problem = None
-        nonempty: tuple[TableRows, ...] = ()
-        checked = 0
-        try:
-            plan = postgres.plan_truncate(
-                conn,
-                schemas=settings.schemas,
-                exclude=settings.exclude,
-                version_table=version_table,
+    with _journal() as journal:
+        target = _target(settings)
+        project = _project(settings, required=False)
+        ctx = _Context(settings, target, project, None, journal)
+        with _connect(ctx, "status") as conn:
+            assert ctx.probe is not None
+            server = conn.execute(postgres.SERVER_SQL).fetchone()
+            assert server is not None
+            version, dbname = server
+            heads: tuple[str, ...] = ()
+            if project is not None:
+                cached = ctx.cached
+                heads = cached.heads if cached else migrations.script_heads(project)
+            current = migrations.database_heads(
+                conn, ctx.version_table, exists=ctx.probe.version_table_exists
             )
-            pages = postgres.file_pages(conn, plan.tables)
-            counts = postgres.row_counts(conn, [t for t in plan.tables if t.oid in pages])
-            cap = postgres.ROW_COUNT_CAP
-            nonempty = tuple(
-                TableRows(t.qualified, min(counts[t.oid], cap), counts[t.oid] > cap)
-                for t in plan.tables
-                if counts.get(t.oid)
+            unknown: tuple[str, ...] = ()
+            if project is not None and current != heads:
+                unknown = migrations.unknown_revisions(project, current)
+            problem = None
+            if unknown:
+                problem = (
+                    f"the database is at {', '.join(unknown)}, which these migrations do not "
+                    "know (made on another branch?): dbreset reset --recreate rebuilds it"
+                )
+            nonempty: tuple[TableRows, ...] = ()
+            checked = 0
+            try:
+                plan = postgres.plan_truncate(
+                    conn,
+                    schemas=settings.schemas,
+                    exclude=_excludes(settings),
+                    version_table=ctx.version_table,
+                )
+                pages = postgres.file_pages(conn, plan.tables)
+                counts = postgres.row_counts(conn, [t for t in plan.tables if t.oid in pages])
+                cap = postgres.ROW_COUNT_CAP
+                nonempty = tuple(
+                    TableRows(t.qualified, min(counts[t.oid], cap), counts[t.oid] > cap, None)
+                    for t in plan.tables
+                    if counts.get(t.oid)
+                )
+                checked = len(plan.tables)
+            except (TruncateError, ConfigError) as exc:
+                problem = str(exc)
+            holders = tuple(
+                ("test session " if h.mode == "ShareLock" else "reset ") + h.describe()
+                for h in database.lock_holders(conn)
             )
-            checked = len(plan.tables)
-        except TruncateError as exc:
-            problem = str(exc)
-        holders = tuple(
-            ("test session " if h.mode == "ShareLock" else "reset ") + h.describe()
-            for h in database.lock_holders(conn)
-        )
-    shown = {
-        key: (_show(key, getattr(settings, key)), settings.sources.get(key, "default"))
-        for key in (
-            "url",
-            "url_env",
-            "alembic_config",
-            "schemas",
-            "exclude",
-            "allowed_hosts",
-            "allow_remote",
-            "wait",
-        )
-    }
+            mark = database.parse_mark(ctx.probe.comment)
+            why: str | None = None
+            if database.looks_like_test_name(dbname):
+                why = "its name contains 'test'"
+            elif mark is not None:
+                why = f"dbreset's mark ({mark.kind})"
+            elif any(fnmatchcase(dbname, p) for p in settings.allowed_databases):
+                why = "allowed_databases"
     return StatusResult(
         target=target.masked_url,
         server_version=version,
-        database=dbname,
+        database=printable(dbname),
         current=current,
         heads=heads,
         at_head=current == heads,
         nonempty=nonempty,
         tables_checked=checked,
-        holders=holders,
-        settings=shown,
+        holders=tuple(printable(h) for h in holders),
+        settings=_typed_settings(settings),
         problem=problem,
+        unknown_revisions=unknown,
+        test_database=why,
     )
 
 
-def _show(key: str, value: object) -> str:
-    if key == "url":
-        return database.mask_url(str(value)) if value else "(not set)"
-    if isinstance(value, tuple):
-        return ", ".join(value) or "(none)"
-    return str(value)
+# --------------------------------------------------------------------------- list, drop, mark
 
 
-# --------------------------------------------------------------------------- session canary
-# (pytest plugin) After the reset the pytest controller takes a snapshot of the
-# chosen schemas: oid and relfilenode of every table, partition, sequence and
-# materialized view, and the database's oid. Each process then checks it on one
-# connection of its own with one prepared query. Nothing is ever written to the
-# database, so nothing can be left behind.
+def _family(
+    conn: psycopg.Connection[Any], ctx: _Context
+) -> list[tuple[pristine.MadeDatabase, str | None]]:
+    """Databases dbreset made for this target (and, for a URL with ``{branch}``,
+    for the other branches), each with why it is stale, if it is."""
+    settings, target = ctx.settings, ctx.target
+    template, _, _ = _branch_template(settings)
+    made = pristine.marked_databases(conn)
+    branches: set[str] | None = None
+    if template:
+        from pathlib import Path
 
-#: Start of every canary message.
-CANARY_MESSAGE = "the database was reset/truncated/rebuilt during this session"
-#: How many changed relations a message names before "and N more".
-CANARY_NAMED = 8
+        from dbreset import gitinfo
 
-#: What a new relfilenode means, by relkind; in the order messages list them.
-_CANARY_CHANGES = {
-    "r": "truncated or rewritten",
-    "p": "rewritten",
-    "m": "materialized views refreshed",
-    "S": "sequences restarted",
-}
-
-
-class CanaryRelation(NamedTuple):
-    oid: int
-    filenode: int
-    #: ``schema.name``
-    name: str
-    #: ``pg_class.relkind``: r, p, S or m
-    kind: str
-
-
-@dataclass(frozen=True)
-class CanarySnapshot:
-    """The state a test session expects its database to stay in."""
-
-    url: str = field(repr=False)  # with its password: workers connect with it
-    database_oid: int
-    digest: str
-    schemas: tuple[str, ...]
-    relations: tuple[CanaryRelation, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain lists, strings and integers: it travels to xdist workers."""
-        return {
-            "url": self.url,
-            "database_oid": self.database_oid,
-            "digest": self.digest,
-            "schemas": list(self.schemas),
-            "relations": [[r.oid, r.filenode, r.name, r.kind] for r in self.relations],
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CanarySnapshot:
-        return cls(
-            url=str(data["url"]),
-            database_oid=int(data["database_oid"]),
-            digest=str(data["digest"]),
-            schemas=tuple(data["schemas"]),
-            relations=tuple(
-                CanaryRelation(int(oid), int(filenode), str(name), str(kind))
-                for oid, filenode, name, kind in data["relations"]
-            ),
-        )
+        checkout = gitinfo.find_checkout(Path.cwd())
+        branches = gitinfo.local_branches(checkout) if checkout else None
+    siblings = {
+        m.name
+        for m in made
+        if template and m.mark.template == template and m.mark.kind in ("created", "marked")
+    } | {target.dbname}
+    out: list[tuple[pristine.MadeDatabase, str | None]] = []
+    for db in made:
+        mark = db.mark
+        owner = mark.target or db.name
+        if owner not in siblings:
+            continue
+        if db.name == target.dbname:
+            continue  # the target itself is never listed for dropping
+        stale: str | None = None
+        ours = mark.kind in ("pristine", "worker") and owner == target.dbname
+        if ours and ctx.fingerprint and mark.fingerprint != ctx.fingerprint:
+            stale = "made from other migrations"
+        if mark.kind == "building" and not db.connections:
+            stale = "a build that did not finish"
+        branch = mark.branch
+        if owner != target.dbname:
+            owner_mark = next((m.mark for m in made if m.name == owner), None)
+            branch = branch or (owner_mark.branch if owner_mark else "")
+        gone = branches is not None and branch and branch not in branches
+        if gone and branch != settings.branch:
+            stale = f"branch {branch!r} no longer exists"
+        out.append((db, stale))
+    return out
 
 
-def _oid_array(oids: list[int]) -> str:
-    """An ``oid[]`` literal: one string parameter adapts faster than a list."""
-    return "{" + ",".join(str(oid) for oid in oids) + "}"
-
-
-def _canary_state(conn: psycopg.Connection[Any], oids: str) -> tuple[int, str]:
-    row = conn.execute(postgres.CANARY_CHECK_SQL, {"oids": oids}).fetchone()
-    assert row is not None
-    return int(row[0] or 0), str(row[1])
-
-
-def canary_snapshot(
-    conn: psycopg.Connection[Any], url: str, schemas: tuple[str, ...]
-) -> CanarySnapshot:
-    """Snapshot the relations of *schemas* (right after a reset, on its connection)."""
-    rows = conn.execute(postgres.CANARY_SNAPSHOT_SQL, {"schemas": list(schemas)}).fetchall()
-    relations = tuple(
-        CanaryRelation(int(oid), int(filenode), f"{schema}.{name}", str(kind))
-        for oid, filenode, schema, name, kind in rows
-    )
-    database_oid, digest = _canary_state(conn, _oid_array([r.oid for r in relations]))
-    return CanarySnapshot(url, database_oid, digest, tuple(schemas), relations)
-
-
-def canary_changes(conn: psycopg.Connection[Any], snapshot: CanarySnapshot) -> dict[str, list[str]]:
-    """What happened to the relations of *snapshot* that are not as they were:
-    ``{"dropped": [names], "truncated or rewritten": [names], ...}``."""
-    oids = _oid_array([r.oid for r in snapshot.relations])
-    rows = conn.execute(postgres.CANARY_CURRENT_SQL, {"oids": oids}).fetchall()
-    now = {int(oid): int(filenode) for oid, filenode in rows}
-    changes: dict[str, list[str]] = {}
-    for what in ("dropped", *_CANARY_CHANGES.values()):
-        changes[what] = []
-    for rel in snapshot.relations:
-        if rel.oid not in now:
-            changes["dropped"].append(rel.name)
-        elif now[rel.oid] != rel.filenode:
-            changes[_CANARY_CHANGES.get(rel.kind, "rewritten")].append(rel.name)
-    return {what: names for what, names in changes.items() if names}
-
-
-def _canary_message(changes: dict[str, list[str]]) -> str:
-    parts = []
-    for what, names in changes.items():
-        more = len(names) - CANARY_NAMED
-        parts.append(
-            f"{what}: {', '.join(names[:CANARY_NAMED])}" + (f" and {more} more" if more > 0 else "")
-        )
-    return f"{CANARY_MESSAGE}: {'; '.join(parts) or 'a relation changed'}"
-
-
-class Canary:
-    """Checks a :class:`CanarySnapshot`, on one connection per process.
-
-    The connection is opened on the first check (or *conn* is used, e.g. the
-    session guard's own) and reused: the check is one prepared statement.
-    """
-
-    def __init__(
-        self, snapshot: CanarySnapshot, *, conn: psycopg.Connection[Any] | None = None
-    ) -> None:
-        self.snapshot = snapshot
-        self._conn = conn
-        self._owned = conn is None
-        self._oids = _oid_array([r.oid for r in snapshot.relations])
-        self._expected = (snapshot.database_oid, snapshot.digest)
-        self._lost: str | None = None
-
-    def _connection(self) -> psycopg.Connection[Any]:
-        if self._conn is None:
-            from dbreset.settings import Settings
-
-            target = database.make_target(self.snapshot.url)
-            # The controller vetted this very URL before it reset the database.
-            self._conn = database.connect(target, Settings(), role="pytest canary", check=False)
-        return self._conn
-
-    def verify(self) -> str | None:
-        """None while the database is as the snapshot says; else what changed."""
-        import psycopg
-
-        if self._lost is not None:
-            return self._lost
-        try:
-            conn = self._connection()
-            state = _canary_state(conn, self._oids)
-            if state == self._expected:
-                return None
-            if state[0] != self.snapshot.database_oid:
-                return f"{CANARY_MESSAGE}: the database was dropped and created again"
-            return _canary_message(canary_changes(conn, self.snapshot))
-        except (psycopg.OperationalError, DbResetError) as exc:
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            self._lost = (
-                f"{CANARY_MESSAGE}: the database was dropped or its connections "
-                f"terminated ({database.scrub(detail, self.snapshot.url)})"
+def list_databases(settings: Settings) -> ListResult:
+    """Every database dbreset made on the server for this target: pristine and
+    worker databases (and other branches' when the URL has ``{branch}``)."""
+    with _journal() as journal:
+        target = _target(settings)
+        project = _project(settings, required=False)
+        ctx = _Context(settings, target, project, None, journal)
+        if project is not None and ctx.fingerprint is None:
+            with contextlib.suppress(DbResetError):
+                ctx.fingerprint = migrations.fingerprint_of(project)
+        with database.connect_maintenance(target, settings, role="list") as conn:
+            family = _family(conn, ctx)
+    listed = []
+    for db, stale in family:
+        mark = db.mark
+        current: bool | None = None
+        if mark.kind in ("pristine", "worker") and ctx.fingerprint:
+            current = mark.fingerprint == ctx.fingerprint
+        listed.append(
+            MadeDatabase(
+                name=printable(db.name),
+                kind=mark.kind,
+                size_bytes=db.size,
+                fingerprint=mark.fingerprint or None,
+                revision=mark.heads,
+                current=current,
+                made=mark.made or None,
+                last_used=mark.used or mark.made or None,
+                connections=db.connections,
+                branch=printable(mark.branch) if mark.branch else None,
+                stale=stale,
             )
-            self.close()
-            return self._lost
+        )
+    return ListResult(target.masked_url, ctx.fingerprint, tuple(listed))
 
-    def close(self) -> None:
-        if self._owned and self._conn is not None and not self._conn.closed:
-            self._conn.close()
+
+def drop(
+    settings: Settings, *, stale: bool = False, every: bool = False, dry_run: bool = False
+) -> DropResult:
+    """Drop databases dbreset made for this target: the ``stale`` ones (other
+    migrations, gone branches, abandoned builds) or ``every`` one. Never the
+    target, never a database without dbreset's mark."""
+    if stale == every:
+        raise ConfigError("say which databases to drop: --stale or --all")
+    with _journal() as journal:
+        target = _target(settings)
+        project = _project(settings, required=False)
+        ctx = _Context(settings, target, project, None, journal)
+        if project is not None and ctx.fingerprint is None:
+            with contextlib.suppress(DbResetError):
+                ctx.fingerprint = migrations.fingerprint_of(project)
+        try:
+            conn: psycopg.Connection[Any] | None = database.connect(target, settings, role="drop")
+        except ConnectError as exc:
+            if "does not exist" not in str(exc):
+                raise
+            conn = None
+        lock = (
+            database.exclusive_lock(conn, wait=settings.wait, target=target)
+            if conn is not None
+            else contextlib.nullcontext()
+        )
+        dropped: list[str] = []
+        kept: list[str] = []
+        with contextlib.ExitStack() as stack:
+            if conn is not None:
+                stack.enter_context(conn)
+            stack.enter_context(lock)
+            admin = stack.enter_context(database.connect_maintenance(target, settings, role="drop"))
+            for db, why in _family(admin, ctx):
+                if stale and why is None:
+                    continue
+                if db.connections:
+                    kept.append(f"{printable(db.name)} (in use: {db.connections} connections)")
+                    continue
+                if dry_run:
+                    dropped.append(printable(db.name))
+                    continue
+                try:
+                    pristine.drop_database(admin, db.name, template=db.is_template)
+                except BusyError as exc:
+                    kept.append(f"{printable(db.name)} ({exc})")
+                    continue
+                dropped.append(printable(db.name))
+                journal.done(f"dropping {printable(db.name)!r}")
+    return DropResult(target.masked_url, tuple(dropped), tuple(kept), dry_run=dry_run)
+
+
+def mark(settings: Settings) -> MarkResult:
+    """Declare the target a test database: dbreset's mark in its comment (the
+    user's own comment is kept)."""
+    import psycopg
+
+    with _journal() as journal:
+        target = _target(settings)
+        ctx = _Context(settings, target, None, None, journal)
+        with _connect(ctx, "mark") as conn:
+            assert ctx.probe is not None
+            old = database.parse_mark(ctx.probe.comment)
+            if old is not None:
+                return MarkResult(target.masked_url, printable(ctx.probe.dbname), True)
+            try:
+                pristine.set_mark(
+                    conn,
+                    ctx.probe.dbname,
+                    database.Mark("marked", made=database.now_iso()),
+                    ctx.probe.comment,
+                )
+            except psycopg.errors.InsufficientPrivilege as exc:
+                raise SafetyError(
+                    f"cannot mark {printable(ctx.probe.dbname)!r}: {exc.diag.message_primary}; "
+                    "run dbreset mark as the database's owner, or list it in allowed_databases"
+                ) from None
+    return MarkResult(target.masked_url, printable(ctx.probe.dbname), False)
