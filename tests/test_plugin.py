@@ -248,7 +248,7 @@ def example_relations(server_url: str) -> Iterator[set[tuple[str, str, str]]]:
     """The relations of the example project, migrated without the plugin."""
     from conftest import with_dbname
 
-    name = f"dbreset_t_reference_{os.getpid()}"
+    name = f"dbreset_test_reference_{os.getpid()}"
     with psycopg.connect(server_url, autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
         admin.execute(f'CREATE DATABASE "{name}"')
@@ -629,7 +629,8 @@ def test_embedded_server_for_the_run(
             assert found and server == found.group(0), server
             assert f"/{dbname}?host=" in reset
             if attempt == "first":
-                assert "(created the database; migrated base → " in reset
+                # cloned from the pristine database: freshly migrated already
+                assert f"(created the database; at head {HEAD}; " in reset
             else:
                 assert f"(at head {HEAD}; emptied " in reset
             # Stopped at the end: no server, no watchdog is left for this data dir.

@@ -13,7 +13,7 @@ import pytest
 
 import dbreset
 from conftest import copy_project, with_dbname
-from dbreset import operations
+from dbreset import operations, session
 from dbreset.errors import BusyError, ConnectError, MigrationError, SafetyError, TruncateError
 from dbreset.settings import Settings, resolve_settings
 
@@ -235,8 +235,13 @@ def test_partitions_follow_their_root(isolated: Path, db_url: str) -> None:
             "CREATE TABLE m_new PARTITION OF m FOR VALUES FROM ('2020-01-01') TO ('2100-01-01')"
         )
         conn.execute("INSERT INTO m (at) VALUES ('2010-01-01'), ('2030-01-01')")
-    with pytest.raises(TruncateError, match=r"public\.m_old .* is a partition of public\.m"):
-        dbreset.truncate(settings_for(db_url, exclude=["m_old"]))
+    # an excluded partition is kept, the others are emptied
+    kept = dbreset.truncate(settings_for(db_url, exclude=["m_old"]))
+    assert "public.m_old (--exclude 'm_old')" in kept.excluded
+    assert scalar(db_url, "SELECT count(*) FROM m_old") == 1
+    assert scalar(db_url, "SELECT count(*) FROM m_new") == 0
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO m (at) VALUES ('2030-01-01')")
     result = dbreset.truncate(settings_for(db_url))
     assert [t.table for t in result.emptied] == ["public.m"]
     assert scalar(db_url, "SELECT count(*) FROM m") == 0
@@ -398,7 +403,7 @@ def test_idle_in_transaction_blocker_is_named(example: tuple[str, Path]) -> None
 def test_a_second_reset_waits_for_the_lock_holder_or_names_it(example: tuple[str, Path]) -> None:
     url, ini = example
     settings = settings_for(url, ini, schemas=EXAMPLE_SCHEMAS, exclude=["country_*"], wait=0.3)
-    _, guard = operations.reset_and_guard(settings)
+    guard = session.reset_and_guard(settings).guard
     try:
         with pytest.raises(BusyError, match="a test session: pid .*dbreset pytest session"):
             dbreset.reset(settings)
@@ -428,7 +433,7 @@ def test_unknown_role_is_a_connect_error(isolated: Path, server_url: str) -> Non
 def test_permission_denied_is_exit_7(
     isolated: Path, db_url: str, admin: psycopg.Connection
 ) -> None:
-    role = "dbreset_t_reader_" + db_url.rsplit("_", 1)[-1][:8]
+    role = "dbreset_test_reader_" + db_url.rsplit("_", 1)[-1][:8]
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute("CREATE TABLE owned (id serial, v text)")
         conn.execute("INSERT INTO owned (v) VALUES ('x')")
@@ -449,7 +454,7 @@ def test_permission_denied_is_exit_7(
 def test_non_owner_with_privileges_restarts_sequences(
     isolated: Path, db_url: str, admin: psycopg.Connection
 ) -> None:
-    role = "dbreset_t_writer_" + db_url.rsplit("_", 1)[-1][:8]
+    role = "dbreset_test_writer_" + db_url.rsplit("_", 1)[-1][:8]
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute("CREATE TABLE owned (id serial, v text)")
         conn.execute("INSERT INTO owned (v) VALUES ('x'), ('y')")
@@ -479,9 +484,9 @@ def test_status_reports_rows_revision_and_holders(example: tuple[str, Path]) -> 
     st = dbreset.status(settings)
     assert st.at_head and st.current == (HEAD,)
     assert {t.table for t in st.nonempty} >= {"public.order", "audit.event"}
-    assert st.settings["schemas"] == ("public, audit", "--schema")
+    assert st.settings["schemas"] == operations.Setting(["public", "audit"], "--schema")
     assert st.holders == ()
-    _, guard = operations.reset_and_guard(settings)
+    guard = session.reset_and_guard(settings).guard
     try:
         held = dbreset.status(settings)
         assert held.nonempty == ()
@@ -595,7 +600,7 @@ def test_cycles_triggers_rules_and_many_rows_are_truncated(isolated: Path, db_ur
 def test_rows_hidden_by_row_security_are_still_emptied(
     isolated: Path, db_url: str, admin: psycopg.Connection
 ) -> None:
-    role = "dbreset_t_owner_" + db_url.rsplit("_", 1)[-1][:8]
+    role = "dbreset_test_owner_" + db_url.rsplit("_", 1)[-1][:8]
     admin.execute(f'CREATE ROLE "{role}" LOGIN')
     try:
         with psycopg.connect(db_url, autocommit=True) as conn:
@@ -656,7 +661,7 @@ def test_delete_path_as_a_plain_owner_keeps_foreign_key_checks(
 ) -> None:
     """A superuser deletes in replica mode; anyone else with foreign-key checks on,
     children first: both must end empty."""
-    role = "dbreset_t_plain_" + db_url.rsplit("_", 1)[-1][:8]
+    role = "dbreset_test_plain_" + db_url.rsplit("_", 1)[-1][:8]
     admin.execute(f'CREATE ROLE "{role}" LOGIN')
     try:
         with psycopg.connect(db_url, autocommit=True) as conn:

@@ -96,7 +96,7 @@ def test_a_second_at_before_the_host_is_refused_on_both_paths() -> None:
 
 def test_reprs_never_show_the_password() -> None:
     url = "postgresql://u:s3cret@localhost/app?password=s3cret"
-    from dbreset.operations import CanarySnapshot
+    from dbreset.session import CanarySnapshot
 
     for value in (
         Settings(url=url),

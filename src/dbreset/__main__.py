@@ -1,5 +1,5 @@
 from __future__ import annotations
 
-from dbreset.console import main
+from dbreset.main import main
 
 main()

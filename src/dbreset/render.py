@@ -1,19 +1,34 @@
-"""Output: rich text for people (results on stdout, progress and errors on
-stderr) and ``--json`` for scripts. The only module that prints."""
+"""Output: rich text for people (results on stdout, progress, warnings and
+errors on stderr) and ``--json`` for scripts. The only module that prints.
+
+Every name that came from the database (tables, sequences, databases,
+application names) reaches here with its control characters escaped
+(:func:`dbreset.redact.printable`), and is escaped again for rich markup.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+import threading
+import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from typing import TYPE_CHECKING, Any
+
+from dbreset.errors import JSON_SCHEMA
+from dbreset.redact import printable
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from dbreset.operations import (
+        DropResult,
+        ListResult,
+        MarkResult,
         MigrateResult,
         ResetResult,
         Result,
@@ -41,7 +56,7 @@ def _err() -> Console:
 def escape(text: str) -> str:
     from rich.markup import escape as rich_escape
 
-    return rich_escape(text)
+    return rich_escape(printable(text))
 
 
 def _plain_stdout() -> bool:
@@ -50,7 +65,7 @@ def _plain_stdout() -> bool:
     return not forced and not sys.stdout.isatty()
 
 
-#: How many emptied tables are named before "… and N more".
+#: How many tables are named before "… and N more".
 SHOWN_TABLES = 12
 
 
@@ -58,24 +73,85 @@ def as_json(data: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
+# --------------------------------------------------------------------------- progress
+
+
+@contextmanager
+def progress(label: str) -> Iterator[None]:
+    """Say on stderr what is being done, once it has taken about a second, and
+    only on a terminal (never in a log or a pipe)."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    done = threading.Event()
+    start = time.monotonic()
+    shown = threading.Event()
+
+    def tick() -> None:
+        if done.wait(1.0):
+            return
+        while not done.is_set():
+            shown.set()
+            sys.stderr.write(
+                f"\r\x1b[Kdbreset: {printable(label)} … {time.monotonic() - start:.0f} s"
+            )
+            sys.stderr.flush()
+            done.wait(0.5)
+
+    thread = threading.Thread(target=tick, name="dbreset-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        if shown.is_set():
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+# --------------------------------------------------------------------------- results
+
+
 def result(res: Result, *, as_json_output: bool, quiet: bool) -> None:
-    from dbreset.operations import MigrateResult, ResetResult, StatusResult, TruncateResult
+    from dbreset.operations import (
+        DropResult,
+        ListResult,
+        MarkResult,
+        MigrateResult,
+        ResetResult,
+        StatusResult,
+        TruncateResult,
+    )
 
     if as_json_output:
         as_json({"ok": True, **res.to_dict()})
         return
     if isinstance(res, ResetResult):
         _reset(res, quiet)
+        _warnings(res.warnings)
     elif isinstance(res, TruncateResult):
         _header("truncate", res.target, res.elapsed_ms, res.dry_run)
         if not quiet:
             _truncate(res)
+        _warnings(res.warnings)
     elif isinstance(res, MigrateResult):
         _header("migrate", res.target, res.elapsed_ms, res.dry_run)
         if not quiet:
             _migrate(res)
     elif isinstance(res, StatusResult):
-        _status(res)
+        _status(res, quiet)
+    elif isinstance(res, ListResult):
+        _list(res, quiet)
+    elif isinstance(res, DropResult):
+        _drop(res, quiet)
+    elif isinstance(res, MarkResult):
+        _mark(res)
+
+
+def _warnings(warnings: tuple[str, ...]) -> None:
+    for warning in warnings:
+        _err().print(f"[bold yellow]dbreset: warning:[/] {escape(warning)}")
 
 
 def _header(verb: str, target: str, ms: float, dry_run: bool) -> None:
@@ -86,7 +162,7 @@ def _header(verb: str, target: str, ms: float, dry_run: bool) -> None:
     else:
         name, rest = f"dbreset {verb}", f"{target} in {ms:.0f} ms"
     if _plain_stdout():
-        sys.stdout.write(f"{name} {rest}\n")
+        sys.stdout.write(f"{name} {printable(rest)}\n")
     else:
         style = "bold" if dry_run else "bold green"
         _out().print(f"[{style}]{name}[/] {escape(rest)}")
@@ -111,13 +187,17 @@ def _migrate(res: MigrateResult) -> None:
         _line("migrations", f"at head {_revs(res.after)}, nothing to migrate")
 
 
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _rows(item: TableRows) -> str:
     more = "+" if item.more else ""
     return f"{escape(item.table)} ({item.rows}{more} row{'s' if item.rows != 1 else ''})"
 
 
-def _some_rows(items: tuple[TableRows, ...]) -> str:
-    shown = ", ".join(_rows(t) for t in items[:SHOWN_TABLES])
+def _some(items: list[str]) -> str:
+    shown = ", ".join(items[:SHOWN_TABLES])
     if len(items) > SHOWN_TABLES:
         shown += f", … and {len(items) - SHOWN_TABLES} more"
     return shown
@@ -126,16 +206,20 @@ def _some_rows(items: tuple[TableRows, ...]) -> str:
 def _truncate(res: TruncateResult) -> None:
     verb = "would empty" if res.dry_run else "emptied"
     if res.emptied:
-        _line(verb, f"{len(res.emptied)} of {res.tables_checked} tables: {_some_rows(res.emptied)}")
+        rows = _some([_rows(t) for t in res.emptied])
+        _line(verb, f"{len(res.emptied)} of {res.tables_checked} tables: {rows}")
     else:
-        _line(verb, f"0 of {res.tables_checked} tables: all were empty already")
+        _line(verb, f"0 of {res.tables_checked} tables: all were as freshly migrated")
+    if res.restored:
+        verb = "would restore" if res.dry_run else "restored"
+        shown = _some([f"{escape(r.table)} ({_plural(r.rows, 'row')})" for r in res.restored])
+        _line(verb, f"{_plural(len(res.restored), 'seeded table')}: {shown}")
     restart = "would restart" if res.dry_run else "restarted"
     if res.sequences_restarted:
-        names = escape(", ".join(res.sequences_restarted))
-        n = len(res.sequences_restarted)
-        _line(restart, f"{n} sequence{'' if n == 1 else 's'}: {names}")
+        names = _some([escape(s) for s in res.sequences_restarted])
+        _line(restart, f"{_plural(len(res.sequences_restarted), 'sequence')}: {names}")
     else:
-        _line(restart, "0 sequences: all were at their start already")
+        _line(restart, "0 sequences: all were where a fresh migration leaves them")
     if res.matviews_refreshed:
         _line("refreshed", escape(", ".join(res.matviews_refreshed)))
     if res.excluded:
@@ -148,34 +232,117 @@ def _reset(res: ResetResult, quiet: bool) -> None:
     _header("reset", res.target, res.elapsed_ms, res.dry_run)
     if quiet:
         return
-    if res.created:
+    if res.recreated:
+        _line("recreated", f"dropped and cloned from {escape(res.pristine or '?')}")
+    elif res.created:
         _line("created", "the database did not exist and was created")
+    if res.pristine_built:
+        _line("pristine", f"built {escape(res.pristine or '?')} (freshly migrated, a template)")
     _migrate(res.migrate)
-    _truncate(res.truncate)
+    if not res.recreated:
+        _truncate(res.truncate)
 
 
-def _status(res: StatusResult) -> None:
+def _setting_value(value: Any) -> str:
+    if value is None:
+        return "(not set)"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) or "(none)"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def _status(res: StatusResult, quiet: bool) -> None:
+    state = "[green]at head[/]" if res.at_head else "[yellow]behind[/]"
+    if res.unknown_revisions:
+        state = "[red]unknown revision (another branch?)[/]"
+    if quiet:
+        _out().print(
+            f"[bold]dbreset status[/] {escape(res.target)}: {_revs(res.current)} {state}, "
+            f"{_plural(len(res.nonempty), 'table')} with rows"
+        )
+        return
     _out().print(f"[bold]dbreset status[/] {escape(res.target)}")
     _line("server", f"PostgreSQL {escape(res.server_version)}, database {escape(res.database)}")
-    state = "[green]at head[/]" if res.at_head else "[yellow]behind[/]"
     _line("revision", f"{_revs(res.current)} (scripts: {_revs(res.heads)}) {state}")
+    _line("test db", escape(res.test_database) if res.test_database else "[red]no[/]")
     if res.problem:
         _line("problem", escape(res.problem))
-    elif res.nonempty:
-        rows = _some_rows(res.nonempty)
+    if res.nonempty:
+        rows = _some([_rows(t) for t in res.nonempty])
         _line("rows", f"{len(res.nonempty)} of {res.tables_checked} tables hold rows: {rows}")
-    else:
+    elif res.tables_checked or not res.problem:
         _line("rows", f"all {res.tables_checked} tables are empty")
     _line("held by", escape("; ".join(res.holders)) if res.holders else "nobody")
     _out().print("  [cyan]settings[/]")
-    for key, (value, source) in res.settings.items():
-        _out().print(f"    {key:<15}{escape(value)}  [dim]({escape(source)})[/]")
+    for key, setting in res.settings.items():
+        value = _setting_value(setting.value)
+        _out().print(f"    {key:<18}{escape(value)}  [dim]({escape(setting.source)})[/]")
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n = n / 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _list(res: ListResult, quiet: bool) -> None:
+    _out().print(f"[bold]dbreset list[/] {escape(res.target)}")
+    if not res.databases:
+        _line("none", "dbreset has made no database for this target")
+        return
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="cyan")
+    for column in ("database", "kind", "size", "migrations", "current", "last used", "stale"):
+        table.add_column(column)
+    for db in res.databases:
+        current = "" if db.current is None else ("yes" if db.current else "[yellow]no[/]")
+        migrations = ", ".join(db.revision) or (db.fingerprint or "")[:12]
+        kind = db.kind + (f" ({escape(db.branch)})" if db.branch else "")
+        used = (db.last_used or "")[:16].replace("T", " ")
+        table.add_row(
+            escape(db.name),
+            kind,
+            _size(db.size_bytes),
+            escape(migrations),
+            current,
+            used,
+            escape(db.stale or ""),
+        )
+    _out().print(table)
+
+
+def _drop(res: DropResult, quiet: bool) -> None:
+    verb = "would drop" if res.dry_run else "dropped"
+    _out().print(f"[bold]dbreset drop[/] {escape(res.target)}")
+    if res.dropped:
+        _line(verb, f"{_plural(len(res.dropped), 'database')}: {escape(', '.join(res.dropped))}")
+    else:
+        _line(verb, "nothing")
+    if res.kept and not quiet:
+        _line("kept", escape("; ".join(res.kept)))
+
+
+def _mark(res: MarkResult) -> None:
+    if res.already:
+        _out().print(f"[bold]dbreset mark[/] {escape(res.database)} was marked already")
+    else:
+        _out().print(
+            f"[bold green]dbreset mark[/] {escape(res.database)} is now a test database "
+            "(dbreset's mark is in its comment)"
+        )
 
 
 def error(exc: BaseException, *, verbose: bool, as_json_output: bool, code: int) -> None:
     if verbose:
         _err().print(escape("".join(traceback.format_exception(exc))), end="")
-    message = str(exc) or type(exc).__name__
+    message = printable(str(exc) or type(exc).__name__)
     _err().print(f"[bold red]dbreset: error:[/] {escape(message)}")
     if as_json_output:
-        as_json({"ok": False, "error": message, "exit_code": code})
+        as_json({"ok": False, "schema": JSON_SCHEMA, "error": message, "exit_code": code})
