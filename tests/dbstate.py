@@ -65,7 +65,7 @@ SESSION_SETTINGS: tuple[tuple[str, str], ...] = (
     ("search_path", "pg_catalog"),
 )
 
-#: Relations whose rows a diff shows, at most, per side and relation.
+#: How many missing and how many unexpected rows a diff shows per relation.
 DEFAULT_LIMIT = 5
 
 _KINDS = {
@@ -737,11 +737,12 @@ def dirty_everything(
     * every table that holds rows (seeded by migrations) loses one row (the
       last, or the next that foreign keys allow) and has one row updated
       (the first column that accepts a changed value, non-key columns first);
-    * every table gets one new row (partitioned tables through the parent;
-      ``inserted`` names the partition it lands in; foreign keys point at an
-      existing row, nullable columns stay NULL); tables
-      are retried until no more can be filled, and the rest are reported in
-      ``skipped`` with PostgreSQL's reason;
+    * every table gets one new row: partitioned tables through the parent
+      (``inserted`` names the partition it lands in), foreign keys pointing
+      at an existing row, NOT NULL columns without a default made up by
+      type, the others left to their default or NULL.  Tables are retried
+      until a round fills no more; the rest are in ``skipped`` with
+      PostgreSQL's reason;
     * every sequence moves: alternately ``nextval`` and ``setval(seq, v,
       false)`` with a ``v`` away from where it stands;
     * every populated materialized view is refreshed.
@@ -839,7 +840,7 @@ def _delete_and_update(
 _RETURNING_WHERE = sql.SQL(
     "RETURNING (SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)"
     " FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
-    " WHERE c.oid = tableoid)"
+    " WHERE c.oid = _target.tableoid)"
 )
 
 
@@ -889,7 +890,8 @@ def _insert(
     stmt: sql.Composed
     if names:
         stmt = sql.SQL(
-            "INSERT INTO {t} ({names}) SELECT {exprs} FROM (SELECT) AS _base {joins} {ret}"
+            "INSERT INTO {t} AS _target ({names})"
+            " SELECT {exprs} FROM (SELECT) AS _base {joins} {ret}"
         ).format(
             t=ident,
             names=sql.SQL(", ").join(names),
@@ -898,14 +900,17 @@ def _insert(
             ret=_RETURNING_WHERE,
         )
     else:
-        stmt = sql.SQL("INSERT INTO {t} DEFAULT VALUES {ret}").format(t=ident, ret=_RETURNING_WHERE)
+        stmt = sql.SQL("INSERT INTO {t} AS _target DEFAULT VALUES {ret}").format(
+            t=ident, ret=_RETURNING_WHERE
+        )
     try:
         with conn.transaction():
-            cur = conn.execute(stmt)
-            landed = _first(cur)
+            landed = conn.execute(stmt).fetchone()
     except psycopg.Error as exc:
         return None, str(exc).splitlines()[0]
-    return str(landed), None
+    if landed is None:  # a BEFORE trigger or a rule swallowed it
+        return None, "the INSERT inserted no row"
+    return str(landed[0]), None
 
 
 def _move_sequence(
