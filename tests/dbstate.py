@@ -580,8 +580,8 @@ def fresh_state(
 
 
 def unique_database_name() -> str:
-    """A name in the ``dbreset_t_*`` namespace the test suite may create and drop."""
-    return f"dbreset_t_{uuid.uuid4().hex[:12]}"
+    """A name in the ``dbreset_test_*`` namespace the test suite may create and drop."""
+    return f"dbreset_test_{uuid.uuid4().hex[:12]}"
 
 
 # --------------------------------------------------------------------------- dirty

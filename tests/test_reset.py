@@ -197,8 +197,10 @@ def test_awkward_names_and_relation_kinds(isolated: Path, db_url: str) -> None:
     try:
         other.execute("CREATE TEMP TABLE mine (v text)")
         other.execute("INSERT INTO mine VALUES ('temp')")
+        row = other.execute("SELECT nspname FROM pg_namespace WHERE oid = pg_my_temp_schema()")
+        temp_schema = row.fetchone()[0]  # type: ignore[index]
         result = dbreset.truncate(
-            settings_for(db_url, schemas=["public", "Other Schema", "pg_temp_1", "pg_temp_3"])
+            settings_for(db_url, schemas=["public", "Other Schema", temp_schema])
         )
         assert other.execute("SELECT count(*) FROM mine").fetchone() == (1,)
     finally:

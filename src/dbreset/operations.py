@@ -571,7 +571,7 @@ def _decide(
         restart = postgres.dirty_sequences(conn, plan.sequences, expected)
     else:
         restart = postgres.called_sequences(conn, plan.sequences, expected)
-        put_back = [s for s in plan.sequences if s.oid not in restart]
+        put_back = postgres.unsure_sequences(plan.sequences, restart, expected)
     work = postgres.Emptying(
         truncate=truncated,
         delete=deleted,

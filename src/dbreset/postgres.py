@@ -447,7 +447,8 @@ def plan_truncate(
     when a chosen schema does not exist."""
     excludes = [e if isinstance(e, Exclude) else Exclude(e) for e in exclude]
     relations = conn.execute(TABLES_SQL, {"schemas": list(schemas)}).fetchall()
-    if not relations and not missing_ok:
+    seen = {row[1] for row in relations}
+    if not missing_ok and any(s not in seen for s in schemas):
         found = {name for (name,) in conn.execute(SCHEMAS_SQL, {"schemas": list(schemas)})}
         missing = [s for s in schemas if s not in found]
         if missing:
@@ -740,6 +741,17 @@ def called_sequences(
     return dirty
 
 
+def unsure_sequences(
+    sequences: Sequence[Sequence_],
+    dirty: set[int],
+    expected: Mapping[str, Expected] | None = None,
+) -> list[Sequence_]:
+    """Of the sequences :func:`called_sequences` did not find off their baseline,
+    those it cannot vouch for: not called, as in the baseline, but maybe moved
+    by ``setval(..., false)`` (only reading the sequence tells)."""
+    return [s for s in sequences if s.oid not in dirty and not _expected(s, expected).is_called]
+
+
 def dirty_sequences(
     conn: psycopg.Connection[Any],
     sequences: Sequence[Sequence_],
@@ -756,7 +768,7 @@ def dirty_sequences(
             dirty.update(oid for (oid,) in conn.execute(SEQUENCE_STATE_SQL, params))
         return dirty
     dirty = called_sequences(conn, sequences, expected)
-    unsure = [s for s in readable if s.oid not in dirty]
+    unsure = unsure_sequences(readable, dirty, expected)
     if unsure:
         query = " UNION ALL ".join(
             f"SELECT {s.oid}::oid FROM {s.quoted} "
