@@ -26,6 +26,7 @@ from dbreset.settings import Settings, resolve_settings
 from dbstate import assert_same_state, dirty_everything, fresh_state, snapshot
 
 SEEDED_SCHEMAS = ["public", "refData"]
+SEEDED_FLAGS = ["--schema", "public", "--schema", "refData"]
 EXAMPLE_SCHEMAS = ["public", "audit"]
 
 
@@ -244,9 +245,7 @@ def _role_without_createdb(admin: psycopg.Connection, url: str) -> tuple[str, st
 
 def _drop_role(admin: psycopg.Connection, url: str, role: str) -> None:
     dbname = dbname_of(url)
-    admin.execute(
-        sql.SQL("ALTER DATABASE {} OWNER TO CURRENT_USER").format(sql.Identifier(dbname))
-    )
+    admin.execute(sql.SQL("ALTER DATABASE {} OWNER TO CURRENT_USER").format(sql.Identifier(dbname)))
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(sql.SQL("REASSIGN OWNED BY {} TO CURRENT_USER").format(sql.Identifier(role)))
         conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
@@ -284,8 +283,7 @@ def test_without_createdb_and_a_migrated_database_it_says_what_it_did(
         alembic_upgrade(role_url, seeded)
         result = CliRunner().invoke(
             app,
-            ["reset", "--yes", "--url", role_url, "--config", str(seeded)]
-            + ["--schema", "public", "--schema", "refData"],
+            ["reset", "--yes", "--url", role_url, "--config", str(seeded), *SEEDED_FLAGS],
         )
         assert result.exit_code == 0, result.stderr
         warning = " ".join(result.stderr.split())
