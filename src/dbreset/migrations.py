@@ -594,6 +594,8 @@ def _where(exc: BaseException, project: Project | None) -> str:
         seen.add(id(current))
         for frame in traceback.extract_tb(current.__traceback__):
             path = Path(frame.filename)
+            if not path.is_file():  # <string>, <frozen ...>: code made at run time
+                continue
             for root in roots:
                 try:
                     relative = path.resolve().relative_to(root.resolve())

@@ -317,25 +317,26 @@ def _flag(config: pytest.Config, name: str) -> bool:
 
 @pytest.hookimpl
 def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
-    """Before any conftest is imported: a worker points its URL variables at
-    its own database; a controller with ``dbreset_embedded`` and no URL starts
-    the throwaway server and exports its URL, so that import-time code finds it."""
+    """Before any conftest is imported, so that import-time code finds the URL:
+    a worker points its URL variables at its own database; a controller points
+    every ``export_env`` variable at the target, and with ``dbreset_embedded``
+    and no URL starts the throwaway server and exports its URL."""
     option = early_config.known_args_namespace
     if not _enabled(early_config, option) or _informational(early_config, option):
         return
-    if _point_worker_at_its_database():
+    if _point_worker_at_its_database() or hasattr(early_config, "workerinput"):
         return
     with contextlib.suppress(Exception):  # any problem is reported in pytest_configure
+        state = early_config.stash.setdefault(_STATE, _State())
+        settings = _settings(early_config, option)
+        if settings.url is not None:
+            _export_all(state, settings)
+            return
         embedded = getattr(option, "dbreset_embedded", None)
         if embedded is None:
             embedded = bool(early_config.getini("dbreset_embedded"))
-        if not embedded:
-            return
-        settings = _settings(early_config, option)
-        if settings.url is not None:
-            return
-        state = early_config.stash.setdefault(_STATE, _State())
-        _start_embedded(early_config, state, settings)
+        if embedded:
+            _start_embedded(early_config, state, settings)
 
 
 def _point_worker_at_its_database() -> bool:

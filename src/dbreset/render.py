@@ -273,7 +273,13 @@ def _status(res: StatusResult, quiet: bool) -> None:
         rows = _some([_rows(t) for t in res.nonempty])
         _line("rows", f"{len(res.nonempty)} of {res.tables_checked} tables hold rows: {rows}")
     elif res.tables_checked or not res.problem:
-        _line("rows", f"all {res.tables_checked} tables are empty")
+        seeded = " but for the seeded rows" if res.baseline else ""
+        _line("rows", f"all {res.tables_checked} tables are empty{seeded}")
+    if res.seeded_changed:
+        changed = _some([escape(t) for t in res.seeded_changed])
+        _line("seeded", f"not as freshly migrated: {changed}")
+    if not res.baseline and res.heads:
+        _line("baseline", "not known yet (the next reset builds the pristine database)")
     _line("held by", escape("; ".join(res.holders)) if res.holders else "nobody")
     _out().print("  [cyan]settings[/]")
     for key, setting in res.settings.items():
