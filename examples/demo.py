@@ -1,7 +1,9 @@
 """The demo behind ``make demo``: a throwaway PostgreSQL, the example
-migrations, some rows, then ``dbreset status`` → ``dbreset reset`` → ``dbreset status``;
-then the pytest plugin on a small test suite, and its canary catching a
-``TRUNCATE`` run from another terminal while the tests run.
+migrations, some rows and some changed reference rows, then ``dbreset status``
+→ ``dbreset reset`` → ``dbreset status``: the rows the migrations seed come back;
+then the pytest plugin on a small test suite (one shared database, then one
+database per worker and a clean database for every test), and its canary
+catching a ``TRUNCATE`` run from another terminal while the tests run.
 
 With ``DBRESET_DEMO_URL`` set it uses that database instead of starting a
 server (the database must exist; the demo never drops it).
@@ -20,7 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO_DB = "dbreset_demo"
+DEMO_DB = "dbreset_demo_test"
 BIN = Path(sys.executable).parent
 
 # The throwaway test suite: the example project, with the plugin switched on.
@@ -28,7 +30,6 @@ PYPROJECT = """\
 [tool.pytest.ini_options]
 dbreset = true
 dbreset_schemas = ["public", "audit"]
-dbreset_exclude = ["country_*"]
 """
 
 TEST_SHOP = """\
@@ -62,7 +63,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 
 
-def test_waits_for_the_other_terminal(dbreset_canary):
+def test_waits_for_the_other_terminal():
     (HERE / "waiting").touch()
     deadline = time.monotonic() + 60
     while not (HERE / "go").exists() and time.monotonic() < deadline:
@@ -95,15 +96,29 @@ def psql() -> str:
         return shutil.which("psql") or fail("no psql: install dbreset[embedded]") or ""
 
 
+#: What a test run might leave: the migrations' reference rows changed.
+CHANGE_SEEDED = (
+    "DELETE FROM country_codes WHERE code = 'KE'; "
+    "UPDATE country_regions SET name = 'Oceania' WHERE code = 'AP'"
+)
+COUNT_SEEDED = "SELECT count(*) AS countries FROM country_codes"
+
+
 def run_cli(env: dict[str, str]) -> None:
     dbreset = str(BIN / "dbreset")
     print("The example project (alembic.ini + migrations/) is configured in")
-    print('pyproject.toml: [tool.dbreset] schemas = ["public", "audit"], exclude = ["country_*"]')
-    show(dbreset, "migrate", env=env)
+    print('pyproject.toml: [tool.dbreset] schemas = ["public", "audit"]. Its first migration')
+    print("seeds 12 countries in 4 regions: those rows are part of the freshly migrated state.")
+    print("\nThe first reset builds the pristine database (migrated from empty, a template)")
+    print("and migrates the target:")
+    show(dbreset, "reset", "--yes", env=env)
     show(sys.executable, "examples/seed.py", env=env)
+    show(psql(), "-q", env["DATABASE_URL"], "-c", CHANGE_SEEDED, env=env)
     show(dbreset, "status", env=env)
     show(dbreset, "reset", "--yes", env=env)
+    show(psql(), env["DATABASE_URL"], "-c", COUNT_SEEDED, env=env)
     show(dbreset, "status", env=env)
+    show(dbreset, "list", env=env)
 
 
 def run_pytest(env: dict[str, str], suite: Path) -> None:
@@ -121,6 +136,11 @@ def run_pytest(env: dict[str, str], suite: Path) -> None:
     subprocess.run(seed, env=env, check=True, stdout=subprocess.DEVNULL)
     print("\nThe database holds rows again (examples/seed.py), as a previous run would leave it.")
     show(pytest, "-n", "2", env=env, cwd=suite)
+    print("\nOne database per worker (<db>_gw0, <db>_gw1: cloned the first time, reset in")
+    print("place after), and the freshly migrated state before every test:")
+    isolated = ["-n", "2", "--dbreset-isolation", "worker", "--dbreset-clean", "test"]
+    show(pytest, *isolated, env=env, cwd=suite)
+    show(pytest, *isolated, env=env, cwd=suite)
 
     print("\n\nThe canary. test_wait.py waits for a file named go; while it waits,")
     print("another terminal empties two tables behind the test run's back.")

@@ -95,6 +95,9 @@ class _State:
     #: canary problems found at the end (this process's and the workers')
     problems: list[str] = field(default_factory=list)
     canary_fired: bool = False
+    #: the canary checks at the end of the session in this process (a worker:
+    #: only when it has a database of its own; the controller checks a shared one)
+    check_at_end: bool = True
 
 
 _STATE = pytest.StashKey[_State]()
@@ -382,6 +385,7 @@ def _configure_worker(config: pytest.Config, state: _State, workerinput: dict[st
 
     state.mode = str(handed["mode"])
     state.clean = str(handed["clean"])
+    state.check_at_end = bool(handed.get("own"))
     url = str(handed["url"])
     for name in handed["vars"]:  # as the early hook did, unless it could not
         if os.environ.get(name) != url:
@@ -509,6 +513,7 @@ def _prepare_workers(
     baseline_json = result.baseline.to_json()
     for db in result.workers:
         state.handed[db.worker] = {
+            "own": True,
             "mode": state.mode,
             "clean": state.clean,
             "url": db.url,
@@ -749,7 +754,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state = config.stash.get(_STATE, None)
     if state is None:
         return
-    if state.canary is not None and state.mode != "off" and not state.canary_fired:
+    checking = state.canary is not None and state.mode != "off" and state.check_at_end
+    if checking and state.canary is not None and not state.canary_fired:
         problem = state.canary.verify()
         if problem:
             state.canary_fired = True
