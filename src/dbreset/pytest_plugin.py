@@ -92,6 +92,9 @@ class _State:
     exported: dict[str, str | None] = field(default_factory=dict)
     #: the URL of the embedded server's database, when the plugin started one
     embedded_url: str | None = None
+    #: the settings read before the conftests (a URL with ``{branch}`` is
+    #: exported resolved: what it was written as is kept here)
+    early: Settings | None = None
     #: canary problems found at the end (this process's and the workers')
     problems: list[str] = field(default_factory=list)
     canary_fired: bool = False
@@ -332,6 +335,7 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
     with contextlib.suppress(Exception):  # any problem is reported in pytest_configure
         state = early_config.stash.setdefault(_STATE, _State())
         settings = _settings(early_config, option)
+        state.early = settings
         if settings.url is not None:
             _export_all(state, settings)
             return
@@ -429,6 +433,15 @@ def _configure_controller(config: pytest.Config, state: _State) -> None:
     settings = None
     try:
         settings = _settings(config)
+        early = state.early
+        if early is not None and early.url_template and settings.url == early.url:
+            # exported resolved before the conftests: still the same {branch} URL
+            settings = replace(
+                settings,
+                url_template=early.url_template,
+                branch=early.branch,
+                worktree=early.worktree,
+            )
         state.mode = _choice(config, "canary", CANARY_MODES, "session")
         state.clean = _choice(config, "clean", CLEAN_MODES, "off")
         isolation = _choice(config, "isolation", ISOLATION_MODES, "shared")
