@@ -30,7 +30,7 @@ demo: setup ## Start a throwaway PostgreSQL, migrate, fill, then status → rese
 	$(BIN)/python examples/demo.py
 
 test: setup ## Run the test suite (a throwaway PostgreSQL unless DBRESET_TEST_URL is set)
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2
 
 lint: setup ## ruff and mypy
 	$(BIN)/ruff check .
