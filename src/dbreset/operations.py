@@ -549,7 +549,7 @@ def _decide(
         for t in plan.tables
         if t.oid in presumed
         or counts.get(t.oid)
-        or t.has_truncate_trigger
+        or (t.has_truncate_trigger and baseline is None)  # as the usual hook would
         or any(leaf.oid in changed_leaves for leaf in t.leaves)
     ]
     replica = postgres.superuser(conn)
