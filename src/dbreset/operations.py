@@ -1184,16 +1184,23 @@ def _family(
     return out
 
 
+def _family_context(settings: Settings, journal: Journal) -> _Context:
+    """For list and drop: the target, and the migrations' fingerprint if known."""
+    target = _target(settings)
+    project = _project(settings, required=False)
+    ctx = _Context(settings, target, project, None, journal)
+    if project is not None and ctx.fingerprint is None:
+        with contextlib.suppress(DbResetError):
+            ctx.fingerprint = migrations.fingerprint_of(project)
+    return ctx
+
+
 def list_databases(settings: Settings) -> ListResult:
     """Every database dbreset made on the server for this target: pristine and
     worker databases (and other branches' when the URL has ``{branch}``)."""
     with _journal() as journal:
-        target = _target(settings)
-        project = _project(settings, required=False)
-        ctx = _Context(settings, target, project, None, journal)
-        if project is not None and ctx.fingerprint is None:
-            with contextlib.suppress(DbResetError):
-                ctx.fingerprint = migrations.fingerprint_of(project)
+        ctx = _family_context(settings, journal)
+        target = ctx.target
         with database.connect_maintenance(target, settings, role="list") as conn:
             family = _family(conn, ctx)
     listed = []
@@ -1229,12 +1236,8 @@ def drop(
     if stale == every:
         raise ConfigError("say which databases to drop: --stale or --all")
     with _journal() as journal:
-        target = _target(settings)
-        project = _project(settings, required=False)
-        ctx = _Context(settings, target, project, None, journal)
-        if project is not None and ctx.fingerprint is None:
-            with contextlib.suppress(DbResetError):
-                ctx.fingerprint = migrations.fingerprint_of(project)
+        ctx = _family_context(settings, journal)
+        target = ctx.target
         try:
             conn: psycopg.Connection[Any] | None = database.connect(target, settings, role="drop")
         except ConnectError as exc:

@@ -270,7 +270,7 @@ def _informational(config: pytest.Config, option: Any = None) -> bool:
 
 
 def _settings(config: pytest.Config, option: Any = None) -> Settings:
-    from dbreset.settings import resolve_settings
+    from dbreset.settings import CONFIG_KEYS, resolve_settings
 
     option = option if option is not None else config.option
     alembic_config = option.dbreset_config
@@ -284,17 +284,7 @@ def _settings(config: pytest.Config, option: Any = None) -> Settings:
         "wait": option.dbreset_wait,
         "allow_remote": option.dbreset_allow_remote,
     }
-    keys = (
-        "url_env",
-        "alembic_config",
-        "schemas",
-        "exclude",
-        "allowed_hosts",
-        "wait",
-        "export_env",
-        "allowed_databases",
-    )
-    ini = {key: config.getini(f"dbreset_{key}") or None for key in keys}
+    ini = {key: config.getini(f"dbreset_{key}") or None for key in CONFIG_KEYS}
     label = config.inipath.name if config.inipath else "pytest ini"
     return resolve_settings(flags, cwd=config.rootpath, ini=ini, ini_label=label)
 
