@@ -907,8 +907,12 @@ def dbreset_clean(pytestconfig: pytest.Config) -> DbresetClean:
         cleaner = _cleaner(pytestconfig)
         result = cleaner.clean() if cleaner is not None else None
     except DbResetError as exc:
-        pytest.fail(f"dbreset: {_pytest_flags(str(exc))}", pytrace=False)
-    return DbresetClean(result)
+        problem = f"dbreset: {_pytest_flags(str(exc))}"
+    else:
+        return DbresetClean(result)
+    # Outside the except block: failing inside it would chain the library's
+    # error, and the report would show the message twice ("During handling...").
+    pytest.fail(problem, pytrace=False)
 
 
 class _CanaryEachTest:
