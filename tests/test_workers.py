@@ -205,6 +205,48 @@ def test_other():
 """
 
 
+def hostless(url: str) -> str:
+    """*url* as ``postgresql:///db?host=...&port=...&user=...``."""
+    from urllib.parse import urlencode
+
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = conninfo_to_dict(url)
+    query = {k: str(params[k]) for k in ("host", "port", "user") if k in params}
+    return f"postgresql:///{params['dbname']}?{urlencode(query, safe='/')}"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://u@h:5/app_test", "postgresql://u@h:5/app_test_gw0"),
+        (
+            "postgresql+asyncpg://u:pw@h/app_test?ssl=require",
+            "postgresql+asyncpg://u:pw@h/app_test_gw0?ssl=require",
+        ),
+        (
+            "postgresql:///app_test?host=/run/pg&port=5",
+            "postgresql:///app_test_gw0?host=/run/pg&port=5",
+        ),
+        ("postgresql://u@/app_test?host=/run/pg", "postgresql://u@/app_test_gw0?host=/run/pg"),
+        (
+            "postgresql://u@h/?dbname=app_test&sslmode=disable",
+            "postgresql://u@h/app_test_gw0?sslmode=disable",
+        ),
+    ],
+    ids=["plain", "driver-and-query", "no-host-part", "socket-in-query", "dbname-in-query"],
+)
+def test_a_worker_url_is_the_users_url_with_the_workers_database(url: str, expected: str) -> None:
+    from psycopg.conninfo import conninfo_to_dict
+
+    from dbreset.pristine import with_dbname
+
+    worker = with_dbname(url, "app_test_gw0")
+    assert worker == expected
+    plain = worker.replace("+asyncpg", "").replace("ssl=require", "sslmode=require")
+    assert conninfo_to_dict(plain)["dbname"] == "app_test_gw0"
+
+
 def test_each_workers_url_variables_point_at_its_database_before_any_conftest_import(
     pytester: pytest.Pytester,
     project: Callable[..., Path],
@@ -215,7 +257,8 @@ def test_each_workers_url_variables_point_at_its_database_before_any_conftest_im
         ini=WORKER_INI + '\ndbreset_url_env = "APP_DB_URL"\n'
         'dbreset_export_env = ["DATABASE_URL", "REPLICA_URL"]'
     )
-    url = make_db()
+    # The shape of a Unix-socket URL: no host part, the host in the query.
+    url = hostless(make_db())
     target = dbname(url)
     pytester.makeconftest(CONFTEST_AT_IMPORT)
     pytester.makepyfile(test_at_import=TEST_AT_IMPORT)
