@@ -549,3 +549,62 @@ def test_without_xdist_the_run_uses_the_target(
         (line,) = dbreset_lines(result)
         assert line.startswith(f"dbreset: reset {mask_url(url)} in "), line
     assert not [name for name in databases(admin, target) if "_gw" in name]
+
+
+# --------------------------------------------------------------------------- a crashed worker
+
+CONFTEST_LOG_URL = """\
+import json
+import os
+
+with open(os.environ["LOG"], "a") as log:
+    log.write(json.dumps([os.environ.get("PYTEST_XDIST_WORKER"),
+                          os.environ.get("DATABASE_URL")]) + "\\n")
+"""
+
+TEST_CRASH = """\
+import os
+from pathlib import Path
+
+import psycopg
+import pytest
+
+
+@pytest.mark.parametrize("i", range(4))
+def test_crash_once(i):
+    marker = Path(os.environ["LOG"]).with_name("crashed")
+    if i == 0 and not marker.exists():
+        marker.touch()
+        os._exit(1)  # a segfault, the OOM killer: xdist starts a replacement
+    with psycopg.connect(os.environ["DATABASE_URL"], autocommit=True) as conn:
+        assert conn.execute("SELECT current_database()").fetchone() != (os.environ["TARGET_DB"],)
+        assert conn.execute("SELECT count(*) FROM role").fetchone() == (3,)
+        conn.execute("INSERT INTO cache_entry (key, value) VALUES ('the-key', '{}')")
+"""
+
+
+def test_a_replacement_for_a_crashed_worker_gets_a_worker_database(
+    pytester: pytest.Pytester,
+    project: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+    make_db: Callable[..., str],
+) -> None:
+    path = project(WORKER_INI + '\ndbreset_clean = "test"')
+    url = make_db()
+    target = dbname(url)
+    pytester.makeconftest(CONFTEST_LOG_URL)
+    pytester.makepyfile(test_crash=TEST_CRASH)
+    monkeypatch.setenv("DATABASE_URL", url)
+    monkeypatch.setenv("TARGET_DB", target)
+    monkeypatch.setenv("LOG", str(path / "urls.log"))
+    result = run(pytester, "-n", "2")
+    text = output(result)
+    assert "replacing crashed worker" in text, text
+    result.assert_outcomes(failed=1, passed=3)  # the crash, and the others where they ran
+    assert "reset/truncated/rebuilt" not in text, text
+    seen = dict(json.loads(line) for line in (path / "urls.log").read_text().splitlines())
+    assert set(seen) == {None, "gw0", "gw1", "gw2"}, seen
+    assert dbname(seen[None]) == target
+    assert {dbname(seen[w]) for w in ("gw0", "gw1")} == {f"{target}_gw0", f"{target}_gw1"}
+    # the replacement took over the crashed worker's database
+    assert dbname(seen["gw2"]) in {f"{target}_gw0", f"{target}_gw1"}, seen
