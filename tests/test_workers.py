@@ -145,8 +145,8 @@ def test_a_colliding_suite_passes_with_one_database_per_worker_twice_in_a_row(
     shared = run(pytester, "-n", "3", "--dist", "each", "--dbreset-isolation", "shared")
     assert shared.ret == 1, output(shared)
     assert "UniqueViolation" in output(shared)
-    outcomes = shared.parseoutcomes()
-    assert outcomes.get("failed", 0) >= 3 + 3 + 2 + 2, outcomes
+    # each test passes in one worker at most: the one that got there first, if any
+    shared.assert_outcomes(passed=3, failed=12)
 
 
 # --------------------------------------------------------------------------- the URL variables
