@@ -325,6 +325,8 @@ def test_worker_databases_are_kept_reused_listed_and_dropped(
     admin: psycopg.Connection,
     server_url: str,
 ) -> None:
+    from conftest import with_dbname
+
     path = project()
     url = make_db()
     target = dbname(url)
@@ -360,14 +362,24 @@ def test_worker_databases_are_kept_reused_listed_and_dropped(
     assert databases(admin, target) == after_first
     assert [rows(i) for i in range(3)] == [[(1, "run 3")]] * 3
 
+    def listed() -> dict[str, dict[str, object]]:
+        done = dbreset_cli(path, "list", "--json")
+        assert done.returncode == 0, done.stderr
+        return {db["name"]: db for db in json.loads(done.stdout)["databases"]}
+
     # dbreset list shows them
-    listed = dbreset_cli(path, "list", "--json")
-    assert listed.returncode == 0, listed.stderr
-    found = {db["name"]: db for db in json.loads(listed.stdout)["databases"]}
+    found = listed()
     assert set(found) == workers | {pristine_db}
     assert {found[name]["kind"] for name in workers} == {"worker"}
     assert found[pristine_db]["kind"] == "pristine"
     assert all(db["current"] is True for db in found.values())
+
+    # A worker database reset on its own between runs is still the target's,
+    # with whatever that reset made for it (today: a pristine database of its own).
+    alone = dbreset_cli(path, "reset", "--url", with_dbname(url, f"{target}_gw2"), "--yes")
+    assert alone.returncode == 0, alone.stdout + alone.stderr
+    made_for_it = set(databases(admin, target)) - set(after_first)
+    assert set(listed()) == workers | {pristine_db} | made_for_it
 
     # dbreset drop --all drops them, and only them: not the target, not a
     # database named like a worker's that dbreset did not make
