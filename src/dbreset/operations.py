@@ -150,6 +150,10 @@ class StatusResult(Result):
     unknown_revisions: tuple[str, ...] = ()
     #: why the guard accepts it as a test database (name, mark, allowed_databases)
     test_database: str | None = None
+    #: seeded tables whose rows are not as a fresh migration leaves them
+    seeded_changed: tuple[str, ...] = ()
+    #: where the freshly migrated state is known from (None: not known yet)
+    baseline: str | None = None
 
 
 @dataclass(frozen=True)
@@ -545,7 +549,7 @@ def _decide(
         for t in plan.tables
         if t.oid in presumed
         or counts.get(t.oid)
-        or t.has_truncate_trigger
+        or (t.has_truncate_trigger and baseline is None)  # as the usual hook would
         or any(leaf.oid in changed_leaves for leaf in t.leaves)
     ]
     replica = postgres.superuser(conn)
@@ -1075,7 +1079,12 @@ def status(settings: Settings) -> StatusResult:
                     "know (made on another branch?): dbreset reset --recreate rebuilds it"
                 )
             nonempty: tuple[TableRows, ...] = ()
+            seeded_changed: tuple[str, ...] = ()
             checked = 0
+            baseline: pristine.Baseline | None = None
+            if project is not None and not unknown:
+                with contextlib.suppress(DbResetError):
+                    baseline = _find_baseline(ctx, dry_run=True).baseline
             try:
                 plan = postgres.plan_truncate(
                     conn,
@@ -1083,14 +1092,15 @@ def status(settings: Settings) -> StatusResult:
                     exclude=_excludes(settings),
                     version_table=ctx.version_table,
                 )
-                pages = postgres.file_pages(conn, plan.tables)
-                counts = postgres.row_counts(conn, [t for t in plan.tables if t.oid in pages])
+                decision = _decide(conn, plan, baseline, dry_run=True)
+                counts = decision.counts
                 cap = postgres.ROW_COUNT_CAP
                 nonempty = tuple(
                     TableRows(t.qualified, min(counts[t.oid], cap), counts[t.oid] > cap, None)
                     for t in plan.tables
                     if counts.get(t.oid)
                 )
+                seeded_changed = tuple(r.table for r in decision.restored)
                 checked = len(plan.tables)
             except (TruncateError, ConfigError) as exc:
                 problem = str(exc)
@@ -1120,6 +1130,8 @@ def status(settings: Settings) -> StatusResult:
         problem=problem,
         unknown_revisions=unknown,
         test_database=why,
+        seeded_changed=seeded_changed,
+        baseline=baseline.source if baseline is not None else None,
     )
 
 

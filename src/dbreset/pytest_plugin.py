@@ -92,9 +92,15 @@ class _State:
     exported: dict[str, str | None] = field(default_factory=dict)
     #: the URL of the embedded server's database, when the plugin started one
     embedded_url: str | None = None
+    #: the settings read before the conftests (a URL with ``{branch}`` is
+    #: exported resolved: what it was written as is kept here)
+    early: Settings | None = None
     #: canary problems found at the end (this process's and the workers')
     problems: list[str] = field(default_factory=list)
     canary_fired: bool = False
+    #: the canary checks at the end of the session in this process (a worker:
+    #: only when it has a database of its own; the controller checks a shared one)
+    check_at_end: bool = True
     #: the worker whose database the next replacement worker takes over
     spare: str | None = None
 
@@ -319,25 +325,27 @@ def _flag(config: pytest.Config, name: str) -> bool:
 
 @pytest.hookimpl
 def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
-    """Before any conftest is imported: a worker points its URL variables at
-    its own database; a controller with ``dbreset_embedded`` and no URL starts
-    the throwaway server and exports its URL, so that import-time code finds it."""
+    """Before any conftest is imported, so that import-time code finds the URL:
+    a worker points its URL variables at its own database; a controller points
+    every ``export_env`` variable at the target, and with ``dbreset_embedded``
+    and no URL starts the throwaway server and exports its URL."""
     option = early_config.known_args_namespace
     if not _enabled(early_config, option) or _informational(early_config, option):
         return
-    if _point_worker_at_its_database():
+    if _point_worker_at_its_database() or hasattr(early_config, "workerinput"):
         return
     with contextlib.suppress(Exception):  # any problem is reported in pytest_configure
+        state = early_config.stash.setdefault(_STATE, _State())
+        settings = _settings(early_config, option)
+        state.early = settings
+        if settings.url is not None:
+            _export_all(state, settings)
+            return
         embedded = getattr(option, "dbreset_embedded", None)
         if embedded is None:
             embedded = bool(early_config.getini("dbreset_embedded"))
-        if not embedded:
-            return
-        settings = _settings(early_config, option)
-        if settings.url is not None:
-            return
-        state = early_config.stash.setdefault(_STATE, _State())
-        _start_embedded(early_config, state, settings)
+        if embedded:
+            _start_embedded(early_config, state, settings)
 
 
 def _point_worker_at_its_database() -> bool:
@@ -385,6 +393,7 @@ def _configure_worker(config: pytest.Config, state: _State, workerinput: dict[st
 
     state.mode = str(handed["mode"])
     state.clean = str(handed["clean"])
+    state.check_at_end = bool(handed.get("own"))
     url = str(handed["url"])
     for name in handed["vars"]:  # as the early hook did, unless it could not
         if os.environ.get(name) != url:
@@ -428,6 +437,15 @@ def _configure_controller(config: pytest.Config, state: _State) -> None:
     settings = None
     try:
         settings = _settings(config)
+        early = state.early
+        if early is not None and early.url_template and settings.url == early.url:
+            # exported resolved before the conftests: still the same {branch} URL
+            settings = replace(
+                settings,
+                url_template=early.url_template,
+                branch=early.branch,
+                worktree=early.worktree,
+            )
         state.mode = _choice(config, "canary", CANARY_MODES, "session")
         state.clean = _choice(config, "clean", CLEAN_MODES, "off")
         isolation = _choice(config, "isolation", ISOLATION_MODES, "shared")
@@ -512,6 +530,7 @@ def _prepare_workers(
     baseline_json = result.baseline.to_json()
     for db in result.workers:
         state.handed[db.worker] = {
+            "own": True,
             "mode": state.mode,
             "clean": state.clean,
             "url": db.url,
@@ -778,7 +797,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state = config.stash.get(_STATE, None)
     if state is None:
         return
-    if state.canary is not None and state.mode != "off" and not state.canary_fired:
+    checking = state.canary is not None and state.mode != "off" and state.check_at_end
+    if checking and state.canary is not None and not state.canary_fired:
         problem = state.canary.verify()
         if problem:
             state.canary_fired = True

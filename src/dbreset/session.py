@@ -175,6 +175,7 @@ def prepare_workers(
                         made.baseline,
                         ctx.version_table,
                         canary_schemas,
+                        existing[names[worker]],
                     )
                     for worker in in_place
                 }
@@ -289,8 +290,10 @@ def _reset_worker(
     baseline: pristine.Baseline,
     version_table: tuple[str, str],
     canary_schemas: tuple[str, ...] | None,
+    mark: database.Mark | None = None,
 ) -> tuple[WorkerDatabase, SessionGuard]:
-    """Put an existing worker database back in place, then hold it."""
+    """Put an existing worker database back in place, then hold it (and note,
+    at most once an hour, when it was last used)."""
     from dataclasses import replace
 
     start = time.perf_counter()
@@ -305,6 +308,9 @@ def _reset_worker(
         database.acquire_exclusive(conn, wait=settings.wait, target=worker_target)
         ctx.probe = postgres.Probe(name, 0, None, True, None, None)
         emptied = operations._restore_locked(conn, ctx, baseline, dry_run=False)
+        now = database.now_iso()
+        if mark is not None and mark.used[:13] != now[:13]:
+            pristine.set_mark(conn, name, mark._replace(used=now))
         database.hold_for_session(conn)
         snapshot = canary_snapshot(conn, url, canary_schemas) if canary_schemas else None
     except BaseException:
