@@ -1159,6 +1159,9 @@ def _family(
         for m in made
         if template and m.mark.template == template and m.mark.kind in ("created", "marked")
     } | {target.dbname}
+    # A worker database reset on its own (dbreset reset --url <db>_gw0) gets a
+    # pristine database of its own: that belongs to the family too.
+    siblings |= {m.name for m in made if m.mark.kind == "worker" and m.mark.target in siblings}
     out: list[tuple[pristine.MadeDatabase, str | None]] = []
     for db in made:
         mark = db.mark

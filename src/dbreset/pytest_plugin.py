@@ -101,6 +101,8 @@ class _State:
     #: the canary checks at the end of the session in this process (a worker:
     #: only when it has a database of its own; the controller checks a shared one)
     check_at_end: bool = True
+    #: the worker whose database the next replacement worker takes over
+    spare: str | None = None
 
 
 _STATE = pytest.StashKey[_State]()
@@ -346,10 +348,12 @@ def _point_worker_at_its_database() -> bool:
         return False
     try:
         data = json.loads(raw)
-        if int(data["pid"]) != os.getppid() or worker not in data["urls"]:
+        if int(data["pid"]) != os.getppid():
             return False
+        # a replacement for a crashed worker takes over the crashed one's database
+        url = data["urls"].get(worker) or data["urls"][data["next"]]
         for name in data["vars"]:
-            os.environ[str(name)] = str(data["urls"][worker])
+            os.environ[str(name)] = str(url)
     except (ValueError, KeyError, TypeError):
         return False
     return True
@@ -722,6 +726,9 @@ def pytest_configure_node(node: Any) -> None:
         return
     worker = node.gateway.id
     handed = state.handed.get(worker)
+    if handed is None and state.spare is not None:  # a crashed worker's replacement
+        handed = state.handed[worker] = _take_over(state, state.spare)
+        state.spare = None
     if handed is None:  # one shared database
         settings = state.settings
         handed = {
@@ -740,6 +747,23 @@ def pytest_configure_node(node: Any) -> None:
     node.workerinput[_WORKERINPUT_KEY] = handed
 
 
+def _take_over(state: _State, crashed: str) -> dict[str, Any]:
+    """What a crashed worker had, for its replacement: the same database, with
+    the canary's snapshot taken again (the crashed worker's cleaner may have
+    rewritten relations since the first)."""
+    handed = dict(state.handed[crashed])
+    if handed.get("snapshot"):
+        from dbreset import database, session
+
+        snapshot = session.CanarySnapshot.from_dict(handed["snapshot"])
+        name = database.make_target(snapshot.url).dbname
+        for guard in state.guards:
+            if guard.target.dbname == name:
+                again = session.canary_snapshot(guard.conn, snapshot.url, snapshot.schemas)
+                handed["snapshot"] = again.to_dict()
+    return handed
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node: Any, error: object) -> None:
     """pytest-xdist, in the controller: what a worker's canary found at its end."""
@@ -748,6 +772,12 @@ def pytest_testnodedown(node: Any, error: object) -> None:
     problem = output.get("dbreset_canary")
     if state is not None and problem:
         state.problems.append(f"[{node.gateway.id}] {problem}")
+    worker = node.gateway.id
+    if state is not None and error is not None and worker in state.handed:
+        # xdist starts a replacement right after this hook, with our environment
+        state.spare = worker
+        data = json.loads(os.environ[_WORKERS_VAR])
+        os.environ[_WORKERS_VAR] = json.dumps({**data, "next": worker})
 
 
 @pytest.hookimpl(trylast=True)
@@ -917,8 +947,12 @@ def dbreset_clean(pytestconfig: pytest.Config) -> DbresetClean:
         cleaner = _cleaner(pytestconfig)
         result = cleaner.clean() if cleaner is not None else None
     except DbResetError as exc:
-        pytest.fail(f"dbreset: {_pytest_flags(str(exc))}", pytrace=False)
-    return DbresetClean(result)
+        problem = f"dbreset: {_pytest_flags(str(exc))}"
+    else:
+        return DbresetClean(result)
+    # Outside the except block: failing inside it would chain the library's
+    # error, and the report would show the message twice ("During handling...").
+    pytest.fail(problem, pytrace=False)
 
 
 class _CanaryEachTest:

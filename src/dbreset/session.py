@@ -570,6 +570,8 @@ class Cleaner:
         self._checks: list[tuple[str, Any]] = []
         #: seeded leaves and populated matviews: transaction ids of their rows
         self._xmins: dict[int, set[str]] = {}
+        #: what :meth:`prepare` put back, until the first :meth:`clean` reports it
+        self._prepared: operations.TruncateResult | None = None
 
     def prepare(self) -> operations.TruncateResult:
         """Plan, put the database back where needed (comparing seeded tables with
@@ -589,6 +591,7 @@ class Cleaner:
             version_table=self.version_table,
         )
         self._build()
+        self._prepared = result
         return result
 
     def _seeded(self) -> dict[str, pristine.SeededRows]:
@@ -674,6 +677,15 @@ class Cleaner:
         start = time.perf_counter()
         if self._plan is None:
             self.prepare()
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:  # the first clean: prepare() put back all it found
+            tables = [t.table for t in prepared.emptied] + [r.table for r in prepared.restored]
+            return CleanResult(
+                tables=tuple(dict.fromkeys(tables)),
+                sequences=prepared.sequences_restarted,
+                matviews=prepared.matviews_refreshed,
+                elapsed_ms=prepared.elapsed_ms + operations._ms(start),
+            )
         if not self._query:
             return CleanResult(elapsed_ms=operations._ms(start))
         try:
