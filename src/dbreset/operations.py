@@ -823,8 +823,14 @@ def _find_baseline(ctx: _Context, *, dry_run: bool) -> _Baseline:
     assert ctx.project is not None and ctx.probe is not None
     if ctx.fingerprint is None:
         ctx.fingerprint = migrations.fingerprint_of(ctx.project)
-    known = (ctx.probe.pristine_oid, ctx.probe.pristine_comment)
-    mark = database.parse_mark(ctx.probe.pristine_comment)
+    known: tuple[int | None, str | None] = (ctx.probe.pristine_oid, ctx.probe.pristine_comment)
+    owner = ctx.target
+    own = database.parse_mark(ctx.probe.comment)
+    if own is not None and own.kind == "worker" and own.target:
+        # a worker database reset on its own: its target's pristine database
+        owner = database.make_target(pristine.with_dbname(ctx.target.url, own.target))
+        known = (None, None)
+    mark = database.parse_mark(known[1])
     if dry_run:
         found = pristine.load(mark.digest) if mark is not None and mark.digest else None
         if found is None:
@@ -833,7 +839,7 @@ def _find_baseline(ctx: _Context, *, dry_run: bool) -> _Baseline:
         return _Baseline(found, None, note)
     try:
         made = pristine.ensure(
-            ctx.target,
+            owner,
             ctx.settings,
             ctx.project,
             fingerprint=ctx.fingerprint,
