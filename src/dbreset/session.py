@@ -719,7 +719,14 @@ class Cleaner:
         views = [obj for kind, obj in dirty if kind == "matview"]
         holding = {t.oid for t in plan.tables if any(leaf.key in seeded for leaf in t.leaves)}
         replica = postgres.superuser(self.conn)
-        small = {t.oid for t in plan.tables if plan.deletable(t)}
+        # DELETE is cheaper for the few rows a test writes; a table that grew
+        # (bulk rows, or dead rows piling up from earlier DELETEs) is truncated
+        pages = postgres.file_pages(self.conn, tables)
+        small = {
+            t.oid
+            for t in plan.tables
+            if plan.deletable(t) and pages.get(t.oid, 0) <= postgres.DELETE_MAX_PAGES
+        }
         truncated, deleted = plan.split(
             tables,
             small,
