@@ -271,7 +271,7 @@ def test_a_password_with_an_unencoded_character_is_never_printed(project: Path, 
     _assert_masked(done.stdout + done.stderr)
 
 
-@pytest.mark.parametrize("char", PASSWORD_CHARS, ids=repr)
+@pytest.mark.parametrize("char", ["/", "#", "?", " "], ids=repr)  # those that do not parse
 def test_the_plugin_never_prints_such_a_password(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, char: str
 ) -> None:
@@ -744,6 +744,10 @@ def _pty_prompt(work: Path, args: list[str], answer: bytes) -> tuple[int, str]:
             seen += os.read(leader, 1024)
         except OSError:
             break
+    # Let it reach its read of the terminal: a SIGINT that lands between the
+    # prompt and the read is lost by Python's readline loop (a person's ^C
+    # always comes later).
+    time.sleep(0.5)
     os.write(leader, answer)
     out, _ = proc.communicate(timeout=60)
     with contextlib.suppress(OSError):
@@ -1081,42 +1085,25 @@ def test_two_creates_at_once_both_succeed(project: Path, make_db: Callable[..., 
 # --------------------------------------------------------------------------- 8. many tables
 
 
-def _create_tables(url: str, n: int, batch: int = 500) -> None:
-    """*n* tables ``t1`` … each holding one row, *batch* to a transaction (one
-    transaction would itself need more locks than a default server holds)."""
+def _create_tables(url: str, n: int, batch: int = 250) -> None:
+    """*n* tables ``t1`` … each holding one row, with a primary key, a TOAST
+    table and an ON TRUNCATE trigger (so that each is truncated, never deleted
+    from), *batch* to a transaction (one transaction would itself need more
+    locks than a default server holds)."""
     with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION noop() RETURNS trigger LANGUAGE plpgsql "
+            "AS $$ BEGIN RETURN NULL; END $$"
+        )
         for first in range(1, n + 1, batch):
             last = min(n, first + batch - 1)
             conn.execute(
                 f"DO $$ BEGIN FOR i IN {first}..{last} LOOP EXECUTE format("  # type: ignore[arg-type]
-                "'CREATE TABLE t%s (id int); INSERT INTO t%s VALUES (1)', i, i); END LOOP; END $$"
+                "'CREATE TABLE t%s (id int PRIMARY KEY, note text); "
+                "INSERT INTO t%s VALUES (1, ''x''); "
+                "CREATE TRIGGER on_truncate AFTER TRUNCATE ON t%s EXECUTE FUNCTION noop()', "
+                "i, i, i); END LOOP; END $$"
             )
-
-
-@pytest.mark.slow
-def test_more_tables_than_the_lock_table_holds_are_refused_before_anything_changes(
-    isolated: Path, db_url: str
-) -> None:
-    n = 5000
-    _create_tables(db_url, n)
-    with psycopg.connect(db_url) as conn:
-        per_tx, sessions = conn.execute(
-            "SELECT current_setting('max_locks_per_transaction')::int, "
-            "current_setting('max_connections')::int "
-            "+ current_setting('max_prepared_transactions')::int"
-        ).fetchone()  # type: ignore[misc]
-    if per_tx * sessions >= 2 * n:
-        pytest.skip(f"this server's lock table holds {per_tx * sessions} locks: not a default one")
-    code, out, err = run("truncate", "--yes", "--url", db_url)
-    assert code == 7, (out, err)
-    wanted = re.search(r"Set max_locks_per_transaction = (\d+) in postgresql\.conf", err)
-    assert wanted, err
-    assert int(wanted.group(1)) * sessions >= n * 4 // 3, err  # enough, with room for others
-    assert "nothing was changed" in err and "out of shared memory" not in err, err
-    assert _total_rows(db_url, n) == n
-    # a dry run still tells what it would do
-    code, out, err = run("truncate", "--dry-run", "--url", db_url)
-    assert code == 0 and f"{n} of {n} tables" in out, (out, err)
 
 
 def _total_rows(url: str, n: int, batch: int = 500) -> int:
@@ -1182,3 +1169,36 @@ def test_progress_of_a_slow_step_only_on_a_terminal(
     assert piped.returncode == 0, piped.stderr
     assert "…" not in piped.stderr and "\x1b[K" not in piped.stderr, piped.stderr
     assert _versions(first) == _versions(second) == ["slow_0002"]
+
+
+@pytest.mark.slow
+def test_more_tables_than_the_lock_table_holds_are_refused_then_the_named_value_works(
+    isolated: Path, own_server: tuple[str, Path]
+) -> None:
+    """5,000 dirty tables on a server with the default lock table (one of the
+    test's own, so that its setting can be changed): refused before anything
+    changes, naming the setting and a value; with that value, emptied."""
+    from dbreset.embedded import EmbeddedServer
+
+    server_url, data_dir = own_server
+    url = with_dbname(server_url, "dbreset_test_locks")
+    execute(server_url, "CREATE DATABASE dbreset_test_locks")
+    n = 5000
+    _create_tables(url, n)
+    assert scalar(url, "SHOW max_locks_per_transaction") == "64"  # the default
+    code, out, err = run("truncate", "--yes", "--url", url)
+    assert code == 7, (out, err)
+    wanted = re.search(r"Set max_locks_per_transaction = (\d+) in postgresql\.conf", err)
+    assert wanted, err
+    assert "nothing was changed" in err and "out of shared memory" not in err, err
+    assert _total_rows(url, n) == n
+
+    execute(server_url, f"ALTER SYSTEM SET max_locks_per_transaction = {wanted.group(1)}")
+    server = EmbeddedServer(data_dir)
+    server.stop()
+    server.start(watchdog=False)
+    assert scalar(url, "SHOW max_locks_per_transaction") == wanted.group(1)
+    code, out, err = run("truncate", "--yes", "--url", url)
+    assert code == 0, err
+    assert f"{n} of {n} tables" in out, out
+    assert _total_rows(url, n) == 0
