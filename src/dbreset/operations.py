@@ -446,10 +446,14 @@ def _migrate_locked(
         )
     if dry_run:
         return result(heads, pending=migrations.pending_revisions(project, current))
-    with ctx.progress(f"migrating {printable(target.dbname)}"):
-        outcome = migrations.upgrade_checked(
-            project, target.url, ctx.settings, expect=ctx.probe.dbname, watch=conn
-        )
+    try:
+        with ctx.progress(f"migrating {printable(target.dbname)}"):
+            outcome = migrations.upgrade_checked(
+                project, target.url, ctx.settings, expect=ctx.probe.dbname, watch=conn
+            )
+    except BaseException:
+        _note_migrated(conn, ctx, current)
+        raise
     after = migrations.database_heads(conn, outcome.version_table)
     if after != heads:
         raise MigrationError(
@@ -467,6 +471,19 @@ def _migrate_locked(
         upgraded=outcome.before != after,
         version_table=printable(".".join(outcome.version_table)),
     )
+
+
+def _note_migrated(conn: psycopg.Connection[Any], ctx: _Context, before: tuple[str, ...]) -> None:
+    """After a migration that failed or was interrupted: the revisions that had
+    committed by then (env.py may commit each revision on its own, and Ctrl-C
+    may come just after the last commit) go into the journal, so that the
+    message says what is true."""
+    import psycopg
+
+    with contextlib.suppress(psycopg.Error, DbResetError):
+        now = migrations.database_heads(conn, ctx.version_table)
+        if now != before:
+            ctx.journal.done(f"the migration to {', '.join(now) or 'no revision'}")
 
 
 def migrate(settings: Settings, *, progress: Progress | None = None) -> MigrateResult:

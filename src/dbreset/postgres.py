@@ -316,7 +316,8 @@ def probe(conn: psycopg.Connection[Any], *, version_table: tuple[str, str], pris
 #: an extension. tgtype bits: 8 = DELETE, 32 = TRUNCATE. Triggers of partitions
 #: count for the root. A superuser is not asked about privileges (it has them
 #: all), which spares a catalog lookup per table in a new session. A partitioned
-#: table lists its leaf partitions, wherever they are and whatever their kind.
+#: table lists its leaf partitions, wherever they are and whatever their kind,
+#: each with the partitioned tables between it and the root.
 TABLES_SQL = """
 WITH trig AS (
     SELECT coalesce(pg_partition_root(t.tgrelid), t.tgrelid) AS rel,
@@ -332,8 +333,12 @@ SELECT c.oid, n.nspname, c.relname, c.relkind, c.relispartition,
                  OR has_table_privilege(c.oid, 'DELETE')),
        c.relrowsecurity, c.relispopulated,
        CASE WHEN c.relkind = 'p' THEN (
-           SELECT coalesce(json_agg(json_build_array(l.oid, ln.nspname, l.relname, l.relkind)
-                                    ORDER BY l.oid), '[]')
+           SELECT coalesce(json_agg(json_build_array(l.oid, ln.nspname, l.relname, l.relkind, (
+                      SELECT coalesce(json_agg(json_build_array(an.nspname, a.relname)), '[]')
+                      FROM pg_partition_ancestors(l.oid) pa
+                      JOIN pg_class a ON a.oid = pa.relid
+                      JOIN pg_namespace an ON an.oid = a.relnamespace
+                      WHERE pa.relid NOT IN (l.oid, c.oid))) ORDER BY l.oid), '[]')
            FROM pg_partition_tree(c.oid) pt
            JOIN pg_class l ON l.oid = pt.relid
            JOIN pg_namespace ln ON ln.oid = l.relnamespace
@@ -566,15 +571,23 @@ def _leaves(
     excluded: dict[int, str],
 ) -> tuple[tuple[Leaf, ...], bool]:
     """The leaf partitions of a partitioned table that are emptied with it: not a
-    foreign table, not excluded, in a chosen schema; *excluded* gets the others."""
+    foreign table, not excluded, in a chosen schema, and not inside a partition
+    that is excluded or outside the chosen schemas; *excluded* gets the others."""
     leaves: list[Leaf] = []
     whole = True
-    for oid, schema, name, kind in parts:
+    for oid, schema, name, kind, ancestors in parts:
         label = kept_label(schema, name)
         if kind == "f":
             label = f"{printable(_key(schema, name))} (foreign partition: rows are remote)"
         elif label is None and schema not in schemas:
             label = f"{printable(_key(schema, name))} (partition outside --schema)"
+        for outer_schema, outer in ancestors if label is None else ():
+            why = kept_label(outer_schema, outer)
+            if why is None and outer_schema not in schemas:
+                why = f"{printable(_key(outer_schema, outer))} (partition outside --schema)"
+            if why is not None:
+                label = f"{printable(_key(schema, name))} (a partition of {why})"
+                break
         if label is not None:
             excluded[int(oid)] = label
             whole = False
