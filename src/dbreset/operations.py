@@ -715,7 +715,7 @@ def _restore_locked(
     changes = units or work.restart or work.put_back or work.matviews
     if not changes and not work.matviews_unless_clean:
         return result()
-    postgres.check_lock_table(conn, units)
+    postgres.check_lock_table(conn, work.truncate, work.delete)
     xid: str | None = None
     label = f"the reset of {printable(target.dbname)!r}"
     try:
@@ -747,11 +747,14 @@ def _restore_locked(
             "transaction still holds its locks) or pass --wait SECONDS"
         ) from None
     except psycopg.errors.InsufficientPrivilege as exc:
-        raise TruncateError(
-            f"permission denied: {exc.diag.message_primary}; run as the tables' owner or "
-            "GRANT TRUNCATE, DELETE, INSERT (and UPDATE on their sequences) to this role; "
-            "nothing was changed"
-        ) from None
+        primary = exc.diag.message_primary or ""
+        fix = (
+            "only its owner may refresh a materialized view: run as the owner"
+            if "materialized view" in primary
+            else "run as the tables' owner or GRANT TRUNCATE, DELETE, INSERT (and UPDATE on "
+            "their sequences) to this role"
+        )
+        raise TruncateError(f"permission denied: {primary}; {fix}; nothing was changed") from None
     except psycopg.errors.OutOfMemory as exc:
         raise TruncateError(
             f"cannot empty {printable(target.dbname)!r}: {exc.diag.message_primary} "

@@ -802,39 +802,50 @@ def nonempty_matviews(conn: psycopg.Connection[Any], matviews: Sequence[Matview]
     return {oid for (oid,) in conn.execute(sql.SQL(query))}
 
 
-#: Relations that a transaction locking *these* tables also locks: their leaf
-#: partitions, indexes and TOAST tables (and the TOAST tables' indexes).
+#: Locks a transaction takes: every relation locked (a TRUNCATE also locks its
+#: indexes and TOAST table, rebuilt as new files; a DELETE, the table only),
+#: the size of the server's shared lock table (max_locks_per_transaction for
+#: every backend slot and prepared transaction), and the locks held there now.
 LOCK_SLOTS_SQL = """
-SELECT count(*) + coalesce(sum((SELECT count(*) FROM pg_index i WHERE i.indrelid = c.oid)), 0)
-       + 2 * count(*) FILTER (WHERE c.reltoastrelid <> 0),
+SELECT (SELECT count(*) + coalesce(sum((SELECT count(*) FROM pg_index i
+                                        WHERE i.indrelid = c.oid)), 0)
+               + 2 * count(*) FILTER (WHERE c.reltoastrelid <> 0)
+        FROM pg_class c WHERE c.oid = ANY(%(rebuilt)s::oid[]))
+       + cardinality(%(locked)s::oid[]),
        current_setting('max_locks_per_transaction')::int,
-       current_setting('max_connections')::int + current_setting('max_prepared_transactions')::int
-FROM pg_class c WHERE c.oid = ANY(%(oids)s::oid[])
+       current_setting('max_connections')::int + current_setting('autovacuum_max_workers')::int
+         + 1 + current_setting('max_worker_processes')::int
+         + current_setting('max_wal_senders')::int
+         + current_setting('max_prepared_transactions')::int,
+       (SELECT count(*) FROM pg_locks WHERE NOT fastpath)
 """
 
 
-def check_lock_table(conn: psycopg.Connection[Any], tables: Sequence[Table]) -> None:
+def check_lock_table(
+    conn: psycopg.Connection[Any], truncate: Sequence[Table], delete: Sequence[Table]
+) -> None:
     """Refuse, before changing anything, a transaction the server's lock table
     cannot hold (``out of shared memory``), naming the setting that would."""
-    oids = [oid for t in tables for oid in (t.oid, *(leaf.oid for leaf in t.leaves))]
-    if len(oids) <= LOCKS_CHECKED_ABOVE:
+    rebuilt = {oid for t in truncate for oid in (t.oid, *(leaf.oid for leaf in t.leaves))}
+    locked = {oid for t in delete for oid in (t.oid, *(leaf.oid for leaf in t.leaves))}
+    if len(rebuilt) + len(locked) <= LOCKS_CHECKED_ABOVE:
         return
-    row = conn.execute(LOCK_SLOTS_SQL, {"oids": sorted(set(oids))}).fetchone()
+    params = {"rebuilt": sorted(rebuilt), "locked": sorted(locked - rebuilt)}
+    row = conn.execute(LOCK_SLOTS_SQL, params).fetchone()
     assert row is not None
-    needed, per_transaction, sessions = (int(v) for v in row)
-    capacity = per_transaction * sessions
-    # the lock table is shared: leave a quarter for every other session
-    if needed <= capacity * 3 // 4:
+    needed, per_transaction, slots, in_use = (int(v) for v in row)
+    capacity = per_transaction * slots
+    if needed + in_use <= capacity:
         return
-    wanted = -(-needed * 4 // 3 // sessions)
+    # room for what is held now and for as much again, as other sessions come and go
+    wanted = -(-(needed + 2 * in_use) // slots)
     wanted = max(per_transaction * 2, -(-wanted // 64) * 64)
     raise TruncateError(
-        f"emptying these {len(tables)} tables in one transaction takes about {needed} locks "
-        f"(tables, partitions, indexes), more than this server's lock table holds "
-        f"(max_locks_per_transaction {per_transaction} for each of {sessions} sessions: "
-        f"{capacity}); "
-        f"nothing was changed. Set max_locks_per_transaction = {wanted} in postgresql.conf "
-        "and restart the server"
+        f"emptying these {len(truncate) + len(delete)} tables in one transaction takes about "
+        f"{needed} locks (tables, partitions, indexes), more than this server's lock table "
+        f"has room for ({capacity}: max_locks_per_transaction {per_transaction} for each of "
+        f"{slots} slots, {in_use} held now); nothing was changed. Set "
+        f"max_locks_per_transaction = {wanted} in postgresql.conf and restart the server"
     )
 
 
