@@ -18,20 +18,20 @@ from dbreset.execute import Invocation, execute, setting_flags
 EPILOG = """\
 [bold]Examples[/bold]
 
-  dbreset reset                       [dim]# migrate, then back to the freshly migrated state[/dim]
-  dbreset reset --yes                 [dim]# the same, without asking (Makefile, CI)[/dim]
-  dbreset reset --dry-run             [dim]# show the plan, change nothing[/dim]
-  dbreset reset --create --yes        [dim]# create the database first if it is missing[/dim]
-  dbreset reset --recreate --yes      [dim]# drop it and clone it from the migrations again[/dim]
-  dbreset truncate --schema public --schema audit --exclude 'country_*' --yes
+  dbreset reset                   [dim]# migrate, back to freshly migrated[/dim]
+  dbreset reset --yes             [dim]# without asking (Makefile, CI)[/dim]
+  dbreset reset --dry-run         [dim]# show the plan, change nothing[/dim]
+  dbreset reset --create --yes    [dim]# create the database if missing[/dim]
+  dbreset reset --recreate --yes  [dim]# drop it, clone it again[/dim]
+  dbreset truncate --schema public --exclude 'country_*' --yes
   dbreset status --json
-  dbreset list                        [dim]# the pristine and worker databases dbreset made[/dim]
+  dbreset list                    [dim]# pristine and worker databases[/dim]
   dbreset drop --stale --yes
 
-The URL comes from --url, DBRESET_URL or DATABASE_URL (see url_env); its database name
-may hold {branch} and {worktree}. Exit codes: 0 done, 2 usage/config, 3 refused by the
-safety guard, 4 cannot connect, 5 migration failed, 6 busy, 7 could not empty the
-database, 130 interrupted.
+The URL comes from --url, DBRESET_URL or DATABASE_URL (see url_env); its
+database name may hold {branch} and {worktree}. Exit codes: 0 done,
+2 usage/config, 3 refused by the safety guard, 4 cannot connect, 5 migration
+failed, 6 busy, 7 could not empty the database, 130 interrupted.
 """
 
 TARGET = "Target"
