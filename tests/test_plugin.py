@@ -24,6 +24,7 @@ from conftest import EXAMPLE_INI, ROOT, copy_project
 from dbreset import operations
 from dbreset.database import mask_url
 from dbreset.settings import resolve_settings
+from pluginruns import output, popen_pytest, wait_for
 
 HEAD = "0e0692925689"
 UNREACHABLE = "postgresql://postgres@127.0.0.1:1/x"
@@ -184,33 +185,8 @@ def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
     return pytester.runpytest_subprocess(*args, timeout=180)
 
 
-def output(result: pytest.RunResult) -> str:
-    return result.stdout.str() + "\n" + result.stderr.str()
-
-
 def dbreset_lines(result: pytest.RunResult) -> list[str]:
     return [line for line in output(result).splitlines() if "dbreset:" in line]
-
-
-def popen_pytest(cwd: Path, *args: str, **env: str) -> subprocess.Popen[str]:
-    """A pytest run in the background, in its own process group (for Ctrl-C)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
-        cwd=cwd,
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-
-
-def wait_for(condition: Callable[[], object], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def relations(url: str) -> set[tuple[str, str, str]]:
