@@ -347,7 +347,7 @@ def derived_name(base: str, suffix: str) -> str:
 #: compared and copied as text, which these settings make exact and stable.
 SESSION_OPTIONS = (
     "-c statement_timeout=0 -c lock_timeout=0 -c idle_in_transaction_session_timeout=0 "
-    "-c idle_session_timeout=0 -c TimeZone=UTC -c DateStyle=ISO,MDY "
+    "-c idle_session_timeout=0 -c jit=off -c TimeZone=UTC -c DateStyle=ISO,MDY "
     "-c IntervalStyle=postgres -c extra_float_digits=3 -c bytea_output=hex"
 )
 

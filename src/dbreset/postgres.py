@@ -383,7 +383,7 @@ WITH uses AS (
     SELECT d.refobjid, ad.adrelid
     FROM pg_attrdef ad JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass
                                        AND d.objid = ad.oid AND d.refclassid = 'pg_class'::regclass
-), agg AS (
+), agg AS MATERIALIZED (
     SELECT seq, array_agg(DISTINCT rel) AS rels, bool_or(rel = ANY(%(oids)s::oid[])) AS ours
     FROM uses GROUP BY seq
 ), su AS (
@@ -394,11 +394,11 @@ SELECT s.oid, n.nspname, s.relname, ps.seqstart,
        (SELECT rolsuper FROM su) OR has_sequence_privilege(s.oid, 'UPDATE'),
        (SELECT rolsuper FROM su) OR has_sequence_privilege(s.oid, 'SELECT'),
        coalesce(agg.rels, '{}')
-FROM pg_class s
+FROM pg_sequence ps
+JOIN pg_class s ON s.oid = ps.seqrelid
 JOIN pg_namespace n ON n.oid = s.relnamespace
-JOIN pg_sequence ps ON ps.seqrelid = s.oid
-LEFT JOIN agg ON agg.seq = s.oid
-WHERE s.relkind = 'S' AND (coalesce(agg.ours, false) OR n.nspname = ANY(%(schemas)s))
+LEFT JOIN agg ON agg.seq = ps.seqrelid
+WHERE (coalesce(agg.ours, false) OR n.nspname = ANY(%(schemas)s))
   AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_class'::regclass
                   AND e.objid = s.oid AND e.deptype = 'e')
 ORDER BY n.nspname, s.relname
