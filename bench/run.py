@@ -59,10 +59,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import per_test
+import seeded
+import workers
 from common import (
     BENCH,
     BIN,
@@ -92,6 +96,14 @@ CASES = ("dirty", "clean")
 CANARY_CALLS = 2000
 
 TARGETS_HOOK = {200: 0.20, 1000: 0.12}
+#: dbreset x hook before reset meant "freshly migrated" (bench/results.md of
+#: 2026-11-24, dbreset 0586fd5): a reset that restores nothing must stay within
+#: PREVIOUS_TOLERANCE of them
+PREVIOUS_HOOK_RATIOS = {(200, "dirty"): 0.150, (200, "clean"): 0.168}
+PREVIOUS_TOLERANCE = 0.10
+PARTS = ("resets", "plugin", "seeded", "workers", "per-test")
+WORKER_ROUNDS = 7
+PER_TEST_ROUNDS = 7
 TARGET_FLOOR_200 = 1.6
 TARGET_PLUGIN_MS = 60.0
 TARGET_CANARY_MS = 1.0
@@ -126,10 +138,6 @@ def bench_size(
         cmds[path.name] = cmds["dbreset"]
         envs[path.name] = {**env, "PYTHONPATH": str(path)}
     variants = ("dbreset", *(p.name for p in candidates), "hook", "floor")
-    # The first reset of a new database builds its pristine database: timed
-    # once, on its own, never in a round.
-    first_reset(db, env)
-    db.make_dirty()
 
     def once(variant: str, case: str) -> float:
         if case == "dirty" and variant != "floor":
@@ -487,10 +495,24 @@ def rows_of(times: dict[tuple[str, str, int], list[float]]) -> list[dict[str, An
 
 
 def targets_of(
-    rows: list[dict[str, Any]], plugin: dict[str, Any], canary: dict[str, Any]
+    rows: list[dict[str, Any]],
+    plugin: dict[str, Any],
+    canary: dict[str, Any],
+    extra: Sequence[dict[str, Any]] = (),
 ) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     by = {(r["variant"], r["case"], r["tables"]): r for r in rows}
+    for (n, case), previous in PREVIOUS_HOOK_RATIOS.items():
+        row = by.get(("dbreset", case, n))
+        limit = round(previous * (1 + PREVIOUS_TOLERANCE), 3)
+        out.append(
+            {
+                "target": f"dbreset x hook, {n} tables, {case}: within "
+                f"{PREVIOUS_TOLERANCE:.0%} of the run before seeded rows ({previous:.3f})",
+                "value": row["ratio_hook"] if row else None,
+                "limit": limit,
+            }
+        )
     for n, limit in TARGETS_HOOK.items():
         for case in CASES:
             row = by.get(("dbreset", case, n))
@@ -535,6 +557,7 @@ def targets_of(
             "limit": TARGET_CANARY_MS,
         }
     )
+    out += [dict(t) for t in extra]
     for t in out:
         t["met"] = None if t["value"] is None else t["value"] <= t["limit"]
     return out
@@ -554,6 +577,41 @@ def table_text(rows: list[dict[str, Any]]) -> str:
             f"{r['ratio_floor']:>8.2f}"
         )
     return "\n".join(lines)
+
+
+def first_lines(firsts: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "The first `dbreset reset` of each new database (just migrated by `alembic upgrade "
+        "head`) builds its pristine database: a new database migrated from empty in process, "
+        "its baseline read and cached. Timed once per database, whole process and as the "
+        "reset reports it; every timed round comes after it.",
+        "",
+        "| database | first reset ms | inside ms | seeded tables it restored |",
+        "|---|--:|--:|--:|",
+    ]
+    for f in firsts:
+        lines.append(
+            f"| {f['database']} | {f['process_ms']:.0f} | {f['inside_ms']:.0f} | "
+            f"{f['restored_tables']} |"
+        )
+    return lines
+
+
+def sections(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """The parts measured besides the reset rows, as markdown lines."""
+    out: list[tuple[str, list[str]]] = []
+    if report["first_resets"]:
+        out.append(
+            ("First reset: building the pristine database", first_lines(report["first_resets"]))
+        )
+    for title, key, render in (
+        ("Reset with seeded rows", "seeded", seeded.markdown),
+        ("Worker databases (dbreset_isolation = worker)", "workers", workers.markdown),
+        ("Per-test cleaning (dbreset_clean = test)", "per_test", per_test.markdown),
+    ):
+        if report[key].get("measured"):
+            out.append((title, render(report[key])))
+    return out
 
 
 def verdict(t: dict[str, Any]) -> str:
@@ -644,6 +702,8 @@ def markdown(report: dict[str, Any]) -> str:
         )
     else:
         lines.append(f"Not measured: {canary['why']}.")
+    for title, section in sections(report):
+        lines += ["", f"## {title}", "", *section]
     lines += ["", "## Targets", "", "| target | measured | |", "|---|--:|---|"]
     for t in report["targets"]:
         value = "-" if t["value"] is None else f"{t['value']}"
@@ -710,6 +770,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-dir", type=Path, default=None)
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument(
+        "--parts",
+        type=lambda text: [p.strip() for p in text.split(",") if p.strip()],
+        default=list(PARTS),
+        help=f"what to measure, comma-separated (default: all of {','.join(PARTS)})",
+    )
+    parser.add_argument(
         "--candidate",
         type=Path,
         action="append",
@@ -756,6 +822,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(names)) != len(names) or set(names) & {*VARIANTS}:
         log("bench/run.py: --candidate directories need distinct names, not dbreset/hook/floor")
         return 2
+    unknown = set(args.parts) - set(PARTS)
+    if unknown:
+        log(f"bench/run.py: --parts: unknown {', '.join(sorted(unknown))}; use {','.join(PARTS)}")
+        return 2
     sizes = args.sizes or ([200] if args.quick else [20, 200, 1000])
     rounds = args.rounds or (2 if args.quick else 9)
     pytest_rounds = 2 if args.quick else 21
@@ -775,6 +845,12 @@ def main(argv: list[str] | None = None) -> int:
     plugin: dict[str, Any] = {"measured": False, "why": "no 200-table database in this run"}
     canary: dict[str, Any] = {"measured": False, "why": "no 200-table database in this run"}
     profile: dict[str, Any] | None = None
+    not_run = {"measured": False, "why": "not part of this run (--parts)"}
+    seeded_result: dict[str, Any] = dict(not_run)
+    workers_result: dict[str, Any] = dict(not_run)
+    per_test_result: dict[str, Any] = dict(not_run)
+    firsts: list[dict[str, Any]] = []
+    parts = args.parts
     try:
         with (
             tempfile.TemporaryDirectory(prefix="dbreset-bench-") as tmp,
@@ -784,15 +860,65 @@ def main(argv: list[str] | None = None) -> int:
             env = child_env(workdir / "cache", args.src.resolve() if args.src else None)
             server.workdir, server.env = workdir, env
             log(f"server: PostgreSQL {server.version} ({server.description})")
-            for n in sizes:
+            dbs: dict[int, Database] = {}
+
+            def database(n: int, **kw: Any) -> Database:
+                """A new database of *n* tables, migrated, its pristine database built."""
+                db = setup_database(server, n, workdir, env, **kw)
+                first_reset(db, env)
+                firsts.append({"database": db.label, **db.first})
+                if not kw:
+                    dbs[n] = db
+                return db
+
+            for n in sizes if "resets" in parts else []:
                 log(f"{n} tables:")
-                db = setup_database(server, n, workdir, env)
+                db = database(n)
                 bench_size(db, rounds, env, times, [c.resolve() for c in args.candidate])
-                if n == 200:
+                if n == 200 and "plugin" in parts:
                     plugin = bench_plugin(db, pytest_rounds, env)
                     canary = bench_canary(db, env, canary_calls)
-                    if not args.no_profile:
-                        profile = profile_reset(db, env, workdir, 2 if args.quick else 9)
+                if n == 200 and not args.no_profile:
+                    profile = profile_reset(db, env, workdir, 2 if args.quick else 9)
+            wants_200 = {"plugin", "workers", "per-test"} & set(parts)
+            if wants_200 and 200 not in dbs:
+                log("200 tables:")
+                db = database(200)
+                if "plugin" in parts:
+                    plugin = bench_plugin(db, pytest_rounds, env)
+                    canary = bench_canary(db, env, canary_calls)
+            if "seeded" in parts:
+                base = 20 if args.quick else 200
+                log(f"{base} tables with seeded reference tables:")
+                db = database(base, seeded=seeded.layout(args.quick))
+                plain = dbs.get(base)
+                if plain is None:
+                    log(f"  and {base} tables without them, for reference:")
+                    plain = database(base)
+                seeded_result = seeded.bench_seeded(db, plain, rounds, env)
+            if "workers" in parts:
+                log("worker databases, 200 tables:")
+                workers_result = workers.bench_workers(
+                    server,
+                    dbs[200],
+                    1 if args.quick else WORKER_ROUNDS,
+                    env,
+                    counts=(2,) if args.quick else (2, 4),
+                    tests=4 if args.quick else 8,
+                    warm_up=not args.quick,
+                )
+            if "per-test" in parts:
+                log("per-test cleaning, 200 tables:")
+                per_test_result = per_test.bench_per_test(
+                    server,
+                    dbs[200],
+                    1 if args.quick else PER_TEST_ROUNDS,
+                    env,
+                    workdir,
+                    tests=5 if args.quick else 50,
+                    loops=(2, 2) if args.quick else (10, 20),
+                    warm_up=not args.quick,
+                )
             machine = machine_facts(server)
             if args.src:
                 machine["dbreset_commit"] = f"candidate from {args.src}"
@@ -804,13 +930,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
     rows = rows_of(times)
-    targets = targets_of(rows, plugin, canary)
+    extra = [*workers_result.get("targets", []), *per_test_result.get("targets", [])]
+    targets = targets_of(rows, plugin, canary, extra)
     report = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": command,
         "machine": machine,
         "settings": {
             "sizes": sizes,
+            "parts": list(parts),
             "rounds": rounds,
             "dirty_share": DIRTY_SHARE,
             "bytecode": "cached (PYTHONDONTWRITEBYTECODE removed from the children's environment)",
@@ -820,6 +948,10 @@ def main(argv: list[str] | None = None) -> int:
         "results": rows,
         "plugin": plugin,
         "canary": canary,
+        "first_resets": firsts,
+        "seeded": seeded_result,
+        "workers": workers_result,
+        "per_test": per_test_result,
         "targets": targets,
         "profile": profile,
     }
@@ -831,6 +963,10 @@ def main(argv: list[str] | None = None) -> int:
 
     log("")
     log(table_text(rows))
+    for title, lines in sections(report):
+        log("")
+        log(f"{title}:")
+        log("\n".join(lines))
     log("")
     for t in targets:
         value = "-" if t["value"] is None else t["value"]
