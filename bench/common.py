@@ -110,6 +110,11 @@ def timed_output(argv: list[str], *, cwd: Path, env: dict[str, str]) -> tuple[fl
 # --------------------------------------------------------------------------- statistics
 
 
+def count(n: int, noun: str) -> str:
+    """``1 round``, ``9 rounds``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def median_ms(values: Sequence[float]) -> float:
     return statistics.median(values) * 1000
 

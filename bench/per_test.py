@@ -50,6 +50,7 @@ from common import (
     BenchError,
     Database,
     Server,
+    count,
     drop_database,
     log,
     median_ms,
@@ -306,7 +307,7 @@ def markdown(p: dict[str, Any]) -> list[str]:
     lines = [
         f"{p['tables']}-table database. dbreset_clean = test: suites of {p['tests']} tests, "
         f"plain `pytest -p no:cacheprovider --dbreset` with and without "
-        f"`--dbreset-clean test`, {p['rounds']} rounds alternating. Per test, inside: the "
+        f"`--dbreset-clean test`, {count(p['rounds'], 'round')} alternating. Per test, inside: the "
         "setup of the `dbreset_clean` fixture timed by the suite's conftest (every test "
         "but the first of each run, all rounds pooled; the first test's, which plans and "
         "prepares the check once per session, is shown apart). Whole process: median of "

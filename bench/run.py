@@ -521,8 +521,9 @@ def targets_of(
         limit = round(previous * (1 + PREVIOUS_TOLERANCE), 3)
         out.append(
             {
-                "target": f"dbreset x hook, {n} tables, {case}: within "
-                f"{PREVIOUS_TOLERANCE:.0%} of the run before seeded rows ({previous:.3f})",
+                "target": f"dbreset ≤ {limit:.3f} x hook, {n} tables, {case}: within "
+                f"{PREVIOUS_TOLERANCE:.0%} of {previous:.3f}, the ratio before resets "
+                "restored seeded rows",
                 "value": row["ratio_hook"] if row else None,
                 "limit": limit,
             }

@@ -33,6 +33,7 @@ from common import (
     PYTHON,
     BenchError,
     Database,
+    count,
     dbreset_argv,
     inside_ms,
     log,
@@ -227,7 +228,7 @@ def markdown(s: dict[str, Any]) -> list[str]:
         f"{s['small']['rows_each']:,} rows, {s['large']['tables']} of "
         f"{s['large']['rows_each']:,}; {s['referenced']} of them referenced by two other "
         "tables each). Whole `dbreset reset --yes -q` processes, median of "
-        f"{s['rounds']} rounds, cases alternating within each round; before the 'changed' "
+        f"{count(s['rounds'], 'round')}, cases alternating within each round; before the 'changed' "
         "cases one row of each of those tables was UPDATEd (outside the timing). "
         "Δ: median of the per-round differences against `untouched`; inside: the time the "
         "reset reports for itself (no interpreter start-up).",

@@ -39,6 +39,7 @@ from common import (
     BenchError,
     Database,
     Server,
+    count,
     derived_databases,
     drop_database,
     log,
@@ -199,7 +200,8 @@ def markdown(w: dict[str, Any]) -> list[str]:
     lines = [
         f"The {w['tests']}-test `write` suite (each test commits a row to three tables) on the "
         f"{w['tables']}-table database, whole `pytest -p no:cacheprovider -n N --dbreset` "
-        f"processes, median of {w['rounds']} rounds, variants alternating within each round. "
+        f"processes, median of {count(w['rounds'], 'round')}, variants alternating within "
+        "each round. "
         "Preparation: what the plugin's header line reports, measured inside the controller "
         "(worker: includes each worker database's canary snapshot). x shared: median of the "
         "per-round ratios to the shared run's reset; Δ process: median of the per-round "
