@@ -458,7 +458,15 @@ def profile_reset(db: Database, env: dict[str, str], workdir: Path, rounds: int)
 # --------------------------------------------------------------------------- report
 
 
-def machine_facts(server: Server) -> dict[str, Any]:
+def load_average() -> list[float]:
+    """1, 5 and 15 minutes: how busy the machine was (other work skews timings)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def machine_facts(server: Server, load_at_start: list[float]) -> dict[str, Any]:
     cpu = ""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -480,6 +488,8 @@ def machine_facts(server: Server) -> dict[str, Any]:
         "server": server.description,
         "server_settings": server.settings,
         "dbreset_commit": commit or "unknown",
+        "load_average_at_start": load_at_start,
+        "load_average_at_end": load_average(),
     }
 
 
@@ -594,6 +604,18 @@ def table_text(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def busy(m: dict[str, Any]) -> str:
+    start, end = m.get("load_average_at_start"), m.get("load_average_at_end")
+    if not start or not end:
+        return ""
+    shared = max(start[1], end[1]) > 0.5 * (m["cores"] or 1)
+    return (
+        f" Load average (1, 5, 15 min) at the start {'/'.join(map(str, start))}, at the end "
+        f"{'/'.join(map(str, end))}, on {m['cores']} cores"
+        + (": other work shared the machine." if shared else ".")
+    )
+
+
 def first_lines(firsts: list[dict[str, Any]]) -> list[str]:
     lines = [
         "The first `dbreset reset` of each new database (just migrated by `alembic upgrade "
@@ -646,7 +668,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Machine: {m['cores']} cores ({m['cpu']}), {m['os']}, Python {m['python']}, "
         f"PostgreSQL {m['postgresql']} ({m['server']}; "
         + ", ".join(f"{k} {v}" for k, v in m["server_settings"].items())
-        + ").",
+        + ")."
+        + busy(m),
         "",
         f"Whole processes, wall clock, median of {s['rounds']} rounds (variants alternating "
         "within each round, one untimed warm-up run each); ratios are medians of per-round "
@@ -853,6 +876,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
     started = time.perf_counter()
+    load_at_start = load_average()
     command = " ".join(["bench/run.py", *map(masked, argv if argv is not None else sys.argv[1:])])
     log(
         f"{command}: {', '.join(map(str, sizes))} tables, {rounds} rounds; child processes "
@@ -936,7 +960,7 @@ def main(argv: list[str] | None = None) -> int:
                     loops=(2, 2) if args.quick else (10, 20),
                     warm_up=not args.quick,
                 )
-            machine = machine_facts(server)
+            machine = machine_facts(server, load_at_start)
             if args.src:
                 machine["dbreset_commit"] = f"candidate from {args.src}"
     except BenchError as exc:
