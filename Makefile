@@ -30,7 +30,7 @@ demo: setup ## Start a throwaway PostgreSQL, migrate, fill, then status → rese
 	$(BIN)/python examples/demo.py
 
 test: setup ## Run the test suite (a throwaway PostgreSQL unless DBRESET_TEST_URL is set)
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2
 
 lint: setup ## ruff and mypy
 	$(BIN)/ruff check .
@@ -46,9 +46,9 @@ bench: setup ## Time dbreset against the usual hand-written hook (writes bench/r
 bench-quick: setup ## The benchmark on a small scale, to check that it works
 	$(BIN)/python bench/run.py --quick
 
-lock: | $(UV) ## Recompile requirements-dev.lock from pyproject.toml
-	$(UV) pip compile pyproject.toml --extra dev --python-version 3.11 --generate-hashes \
-		--no-header --quiet -o requirements-dev.lock
+lock: | $(UV) ## Recompile requirements-dev.lock: the dependencies, [embedded] and the dev group
+	$(UV) pip compile pyproject.toml --extra embedded --group dev --python-version 3.11 \
+		--generate-hashes --no-header --quiet -o requirements-dev.lock
 
 clean: ## Remove the virtual environment and caches (stops nothing: servers stop themselves)
 	rm -rf $(VENV) .tools .cache .pytest_cache .mypy_cache .ruff_cache

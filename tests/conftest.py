@@ -13,6 +13,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -22,6 +23,17 @@ from psycopg import sql
 ROOT = Path(__file__).resolve().parent.parent
 PROJECTS = Path(__file__).resolve().parent / "projects"
 EXAMPLE_INI = ROOT / "alembic.ini"
+
+
+def scalar(url: str, query: str) -> Any:
+    """The first column of the first row of *query*, on a connection of its own."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(query).fetchone()  # type: ignore[arg-type]
+        return row[0] if row else None
+
+
+def dbname_of(url: str) -> str:
+    return urlsplit(url).path.lstrip("/")
 
 
 def with_dbname(url: str, dbname: str) -> str:

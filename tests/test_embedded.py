@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -243,6 +244,29 @@ def test_concurrent_starts_of_a_new_data_dir_give_one_server(base: Path) -> None
     finally:
         EmbeddedServer(path).stop()
     assert postmasters_on(path) == []
+
+
+def test_concurrent_starts_in_one_process_give_one_server(data_dir: Path) -> None:
+    """The start lock excludes threads too, not only processes (a per-process
+    lock, such as fcntl's lockf, would let both threads start a server)."""
+    urls: list[str] = []
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            urls.append(EmbeddedServer(data_dir).start(watchdog=False))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == []
+    assert len(urls) == 2 and len(set(urls)) == 1
+    assert postmasters_on(data_dir) == [postmaster_pid(data_dir)]
+    select_one(urls[0])
 
 
 def test_stop_leaves_no_process_and_is_idempotent(data_dir: Path) -> None:

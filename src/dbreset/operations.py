@@ -150,6 +150,10 @@ class StatusResult(Result):
     unknown_revisions: tuple[str, ...] = ()
     #: why the guard accepts it as a test database (name, mark, allowed_databases)
     test_database: str | None = None
+    #: seeded tables whose rows are not as a fresh migration leaves them
+    seeded_changed: tuple[str, ...] = ()
+    #: where the freshly migrated state is known from (None: not known yet)
+    baseline: str | None = None
 
 
 @dataclass(frozen=True)
@@ -442,10 +446,14 @@ def _migrate_locked(
         )
     if dry_run:
         return result(heads, pending=migrations.pending_revisions(project, current))
-    with ctx.progress(f"migrating {printable(target.dbname)}"):
-        outcome = migrations.upgrade_checked(
-            project, target.url, ctx.settings, expect=ctx.probe.dbname, watch=conn
-        )
+    try:
+        with ctx.progress(f"migrating {printable(target.dbname)}"):
+            outcome = migrations.upgrade_checked(
+                project, target.url, ctx.settings, expect=ctx.probe.dbname, watch=conn
+            )
+    except BaseException:
+        _note_migrated(conn, ctx, current)
+        raise
     after = migrations.database_heads(conn, outcome.version_table)
     if after != heads:
         raise MigrationError(
@@ -463,6 +471,19 @@ def _migrate_locked(
         upgraded=outcome.before != after,
         version_table=printable(".".join(outcome.version_table)),
     )
+
+
+def _note_migrated(conn: psycopg.Connection[Any], ctx: _Context, before: tuple[str, ...]) -> None:
+    """After a migration that failed or was interrupted: the revisions that had
+    committed by then (env.py may commit each revision on its own, and Ctrl-C
+    may come just after the last commit) go into the journal, so that the
+    message says what is true."""
+    import psycopg
+
+    with contextlib.suppress(psycopg.Error, DbResetError):
+        now = migrations.database_heads(conn, ctx.version_table)
+        if now != before:
+            ctx.journal.done(f"the migration to {', '.join(now) or 'no revision'}")
 
 
 def migrate(settings: Settings, *, progress: Progress | None = None) -> MigrateResult:
@@ -545,7 +566,7 @@ def _decide(
         for t in plan.tables
         if t.oid in presumed
         or counts.get(t.oid)
-        or t.has_truncate_trigger
+        or (t.has_truncate_trigger and baseline is None)  # as the usual hook would
         or any(leaf.oid in changed_leaves for leaf in t.leaves)
     ]
     replica = postgres.superuser(conn)
@@ -694,7 +715,7 @@ def _restore_locked(
     changes = units or work.restart or work.put_back or work.matviews
     if not changes and not work.matviews_unless_clean:
         return result()
-    postgres.check_lock_table(conn, units)
+    postgres.check_lock_table(conn, work.truncate, work.delete)
     xid: str | None = None
     label = f"the reset of {printable(target.dbname)!r}"
     try:
@@ -726,11 +747,14 @@ def _restore_locked(
             "transaction still holds its locks) or pass --wait SECONDS"
         ) from None
     except psycopg.errors.InsufficientPrivilege as exc:
-        raise TruncateError(
-            f"permission denied: {exc.diag.message_primary}; run as the tables' owner or "
-            "GRANT TRUNCATE, DELETE, INSERT (and UPDATE on their sequences) to this role; "
-            "nothing was changed"
-        ) from None
+        primary = exc.diag.message_primary or ""
+        fix = (
+            "only its owner may refresh a materialized view: run as the owner"
+            if "materialized view" in primary
+            else "run as the tables' owner or GRANT TRUNCATE, DELETE, INSERT (and UPDATE on "
+            "their sequences) to this role"
+        )
+        raise TruncateError(f"permission denied: {primary}; {fix}; nothing was changed") from None
     except psycopg.errors.OutOfMemory as exc:
         raise TruncateError(
             f"cannot empty {printable(target.dbname)!r}: {exc.diag.message_primary} "
@@ -819,8 +843,14 @@ def _find_baseline(ctx: _Context, *, dry_run: bool) -> _Baseline:
     assert ctx.project is not None and ctx.probe is not None
     if ctx.fingerprint is None:
         ctx.fingerprint = migrations.fingerprint_of(ctx.project)
-    known = (ctx.probe.pristine_oid, ctx.probe.pristine_comment)
-    mark = database.parse_mark(ctx.probe.pristine_comment)
+    known: tuple[int | None, str | None] = (ctx.probe.pristine_oid, ctx.probe.pristine_comment)
+    owner = ctx.target
+    own = database.parse_mark(ctx.probe.comment)
+    if own is not None and own.kind == "worker" and own.target:
+        # a worker database reset on its own: its target's pristine database
+        owner = database.make_target(pristine.with_dbname(ctx.target.url, own.target))
+        known = (None, None)
+    mark = database.parse_mark(known[1])
     if dry_run:
         found = pristine.load(mark.digest) if mark is not None and mark.digest else None
         if found is None:
@@ -829,7 +859,7 @@ def _find_baseline(ctx: _Context, *, dry_run: bool) -> _Baseline:
         return _Baseline(found, None, note)
     try:
         made = pristine.ensure(
-            ctx.target,
+            owner,
             ctx.settings,
             ctx.project,
             fingerprint=ctx.fingerprint,
@@ -1075,7 +1105,12 @@ def status(settings: Settings) -> StatusResult:
                     "know (made on another branch?): dbreset reset --recreate rebuilds it"
                 )
             nonempty: tuple[TableRows, ...] = ()
+            seeded_changed: tuple[str, ...] = ()
             checked = 0
+            baseline: pristine.Baseline | None = None
+            if project is not None and not unknown:
+                with contextlib.suppress(DbResetError):
+                    baseline = _find_baseline(ctx, dry_run=True).baseline
             try:
                 plan = postgres.plan_truncate(
                     conn,
@@ -1083,14 +1118,15 @@ def status(settings: Settings) -> StatusResult:
                     exclude=_excludes(settings),
                     version_table=ctx.version_table,
                 )
-                pages = postgres.file_pages(conn, plan.tables)
-                counts = postgres.row_counts(conn, [t for t in plan.tables if t.oid in pages])
+                decision = _decide(conn, plan, baseline, dry_run=True)
+                counts = decision.counts
                 cap = postgres.ROW_COUNT_CAP
                 nonempty = tuple(
                     TableRows(t.qualified, min(counts[t.oid], cap), counts[t.oid] > cap, None)
                     for t in plan.tables
                     if counts.get(t.oid)
                 )
+                seeded_changed = tuple(r.table for r in decision.restored)
                 checked = len(plan.tables)
             except (TruncateError, ConfigError) as exc:
                 problem = str(exc)
@@ -1120,6 +1156,8 @@ def status(settings: Settings) -> StatusResult:
         problem=problem,
         unknown_revisions=unknown,
         test_database=why,
+        seeded_changed=seeded_changed,
+        baseline=baseline.source if baseline is not None else None,
     )
 
 
@@ -1147,6 +1185,9 @@ def _family(
         for m in made
         if template and m.mark.template == template and m.mark.kind in ("created", "marked")
     } | {target.dbname}
+    # A worker database reset on its own (dbreset reset --url <db>_gw0) gets a
+    # pristine database of its own: that belongs to the family too.
+    siblings |= {m.name for m in made if m.mark.kind == "worker" and m.mark.target in siblings}
     out: list[tuple[pristine.MadeDatabase, str | None]] = []
     for db in made:
         mark = db.mark
@@ -1172,16 +1213,23 @@ def _family(
     return out
 
 
+def _family_context(settings: Settings, journal: Journal) -> _Context:
+    """For list and drop: the target, and the migrations' fingerprint if known."""
+    target = _target(settings)
+    project = _project(settings, required=False)
+    ctx = _Context(settings, target, project, None, journal)
+    if project is not None and ctx.fingerprint is None:
+        with contextlib.suppress(DbResetError):
+            ctx.fingerprint = migrations.fingerprint_of(project)
+    return ctx
+
+
 def list_databases(settings: Settings) -> ListResult:
     """Every database dbreset made on the server for this target: pristine and
     worker databases (and other branches' when the URL has ``{branch}``)."""
     with _journal() as journal:
-        target = _target(settings)
-        project = _project(settings, required=False)
-        ctx = _Context(settings, target, project, None, journal)
-        if project is not None and ctx.fingerprint is None:
-            with contextlib.suppress(DbResetError):
-                ctx.fingerprint = migrations.fingerprint_of(project)
+        ctx = _family_context(settings, journal)
+        target = ctx.target
         with database.connect_maintenance(target, settings, role="list") as conn:
             family = _family(conn, ctx)
     listed = []
@@ -1217,12 +1265,8 @@ def drop(
     if stale == every:
         raise ConfigError("say which databases to drop: --stale or --all")
     with _journal() as journal:
-        target = _target(settings)
-        project = _project(settings, required=False)
-        ctx = _Context(settings, target, project, None, journal)
-        if project is not None and ctx.fingerprint is None:
-            with contextlib.suppress(DbResetError):
-                ctx.fingerprint = migrations.fingerprint_of(project)
+        ctx = _family_context(settings, journal)
+        target = ctx.target
         try:
             conn: psycopg.Connection[Any] | None = database.connect(target, settings, role="drop")
         except ConnectError as exc:

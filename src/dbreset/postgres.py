@@ -316,7 +316,8 @@ def probe(conn: psycopg.Connection[Any], *, version_table: tuple[str, str], pris
 #: an extension. tgtype bits: 8 = DELETE, 32 = TRUNCATE. Triggers of partitions
 #: count for the root. A superuser is not asked about privileges (it has them
 #: all), which spares a catalog lookup per table in a new session. A partitioned
-#: table lists its leaf partitions, wherever they are and whatever their kind.
+#: table lists its leaf partitions, wherever they are and whatever their kind,
+#: each with the partitioned tables between it and the root.
 TABLES_SQL = """
 WITH trig AS (
     SELECT coalesce(pg_partition_root(t.tgrelid), t.tgrelid) AS rel,
@@ -332,8 +333,12 @@ SELECT c.oid, n.nspname, c.relname, c.relkind, c.relispartition,
                  OR has_table_privilege(c.oid, 'DELETE')),
        c.relrowsecurity, c.relispopulated,
        CASE WHEN c.relkind = 'p' THEN (
-           SELECT coalesce(json_agg(json_build_array(l.oid, ln.nspname, l.relname, l.relkind)
-                                    ORDER BY l.oid), '[]')
+           SELECT coalesce(json_agg(json_build_array(l.oid, ln.nspname, l.relname, l.relkind, (
+                      SELECT coalesce(json_agg(json_build_array(an.nspname, a.relname)), '[]')
+                      FROM pg_partition_ancestors(l.oid) pa
+                      JOIN pg_class a ON a.oid = pa.relid
+                      JOIN pg_namespace an ON an.oid = a.relnamespace
+                      WHERE pa.relid NOT IN (l.oid, c.oid))) ORDER BY l.oid), '[]')
            FROM pg_partition_tree(c.oid) pt
            JOIN pg_class l ON l.oid = pt.relid
            JOIN pg_namespace ln ON ln.oid = l.relnamespace
@@ -566,15 +571,23 @@ def _leaves(
     excluded: dict[int, str],
 ) -> tuple[tuple[Leaf, ...], bool]:
     """The leaf partitions of a partitioned table that are emptied with it: not a
-    foreign table, not excluded, in a chosen schema; *excluded* gets the others."""
+    foreign table, not excluded, in a chosen schema, and not inside a partition
+    that is excluded or outside the chosen schemas; *excluded* gets the others."""
     leaves: list[Leaf] = []
     whole = True
-    for oid, schema, name, kind in parts:
+    for oid, schema, name, kind, ancestors in parts:
         label = kept_label(schema, name)
         if kind == "f":
             label = f"{printable(_key(schema, name))} (foreign partition: rows are remote)"
         elif label is None and schema not in schemas:
             label = f"{printable(_key(schema, name))} (partition outside --schema)"
+        for outer_schema, outer in ancestors if label is None else ():
+            why = kept_label(outer_schema, outer)
+            if why is None and outer_schema not in schemas:
+                why = f"{printable(_key(outer_schema, outer))} (partition outside --schema)"
+            if why is not None:
+                label = f"{printable(_key(schema, name))} (a partition of {why})"
+                break
         if label is not None:
             excluded[int(oid)] = label
             whole = False
@@ -789,39 +802,50 @@ def nonempty_matviews(conn: psycopg.Connection[Any], matviews: Sequence[Matview]
     return {oid for (oid,) in conn.execute(sql.SQL(query))}
 
 
-#: Relations that a transaction locking *these* tables also locks: their leaf
-#: partitions, indexes and TOAST tables (and the TOAST tables' indexes).
+#: Locks a transaction takes: every relation locked (a TRUNCATE also locks its
+#: indexes and TOAST table, rebuilt as new files; a DELETE, the table only),
+#: the size of the server's shared lock table (max_locks_per_transaction for
+#: every backend slot and prepared transaction), and the locks held there now.
 LOCK_SLOTS_SQL = """
-SELECT count(*) + coalesce(sum((SELECT count(*) FROM pg_index i WHERE i.indrelid = c.oid)), 0)
-       + 2 * count(*) FILTER (WHERE c.reltoastrelid <> 0),
+SELECT (SELECT count(*) + coalesce(sum((SELECT count(*) FROM pg_index i
+                                        WHERE i.indrelid = c.oid)), 0)
+               + 2 * count(*) FILTER (WHERE c.reltoastrelid <> 0)
+        FROM pg_class c WHERE c.oid = ANY(%(rebuilt)s::oid[]))
+       + cardinality(%(locked)s::oid[]),
        current_setting('max_locks_per_transaction')::int,
-       current_setting('max_connections')::int + current_setting('max_prepared_transactions')::int
-FROM pg_class c WHERE c.oid = ANY(%(oids)s::oid[])
+       current_setting('max_connections')::int + current_setting('autovacuum_max_workers')::int
+         + 1 + current_setting('max_worker_processes')::int
+         + current_setting('max_wal_senders')::int
+         + current_setting('max_prepared_transactions')::int,
+       (SELECT count(*) FROM pg_locks WHERE NOT fastpath)
 """
 
 
-def check_lock_table(conn: psycopg.Connection[Any], tables: Sequence[Table]) -> None:
+def check_lock_table(
+    conn: psycopg.Connection[Any], truncate: Sequence[Table], delete: Sequence[Table]
+) -> None:
     """Refuse, before changing anything, a transaction the server's lock table
     cannot hold (``out of shared memory``), naming the setting that would."""
-    oids = [oid for t in tables for oid in (t.oid, *(leaf.oid for leaf in t.leaves))]
-    if len(oids) <= LOCKS_CHECKED_ABOVE:
+    rebuilt = {oid for t in truncate for oid in (t.oid, *(leaf.oid for leaf in t.leaves))}
+    locked = {oid for t in delete for oid in (t.oid, *(leaf.oid for leaf in t.leaves))}
+    if len(rebuilt) + len(locked) <= LOCKS_CHECKED_ABOVE:
         return
-    row = conn.execute(LOCK_SLOTS_SQL, {"oids": sorted(set(oids))}).fetchone()
+    params = {"rebuilt": sorted(rebuilt), "locked": sorted(locked - rebuilt)}
+    row = conn.execute(LOCK_SLOTS_SQL, params).fetchone()
     assert row is not None
-    needed, per_transaction, sessions = (int(v) for v in row)
-    capacity = per_transaction * sessions
-    # the lock table is shared: leave a quarter for every other session
-    if needed <= capacity * 3 // 4:
+    needed, per_transaction, slots, in_use = (int(v) for v in row)
+    capacity = per_transaction * slots
+    if needed + in_use <= capacity:
         return
-    wanted = -(-needed * 4 // 3 // sessions)
+    # room for what is held now and for as much again, as other sessions come and go
+    wanted = -(-(needed + 2 * in_use) // slots)
     wanted = max(per_transaction * 2, -(-wanted // 64) * 64)
     raise TruncateError(
-        f"emptying these {len(tables)} tables in one transaction takes about {needed} locks "
-        f"(tables, partitions, indexes), more than this server's lock table holds "
-        f"(max_locks_per_transaction {per_transaction} for each of {sessions} sessions: "
-        f"{capacity}); "
-        f"nothing was changed. Set max_locks_per_transaction = {wanted} in postgresql.conf "
-        "and restart the server"
+        f"emptying these {len(truncate) + len(delete)} tables in one transaction takes about "
+        f"{needed} locks (tables, partitions, indexes), more than this server's lock table "
+        f"has room for ({capacity}: max_locks_per_transaction {per_transaction} for each of "
+        f"{slots} slots, {in_use} held now); nothing was changed. Set "
+        f"max_locks_per_transaction = {wanted} in postgresql.conf and restart the server"
     )
 
 

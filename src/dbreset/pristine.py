@@ -593,10 +593,19 @@ def _drop_older(conn: psycopg.Connection[Any], target_db: str, fingerprint: str)
 
 
 def _with_dbname(url: str, dbname: str) -> str:
-    from urllib.parse import quote, urlsplit, urlunsplit
+    """*url* with the database *dbname*. Built by hand: ``urlunsplit`` drops the
+    ``//`` of a URL without a host part (``postgresql:///db?host=/socket``),
+    which libpq and SQLAlchemy then cannot parse. A ``dbname`` query parameter
+    (libpq prefers it to the path) is dropped, or it would keep the old name."""
+    from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
     parts = urlsplit(url)
-    return urlunsplit(parts._replace(path="/" + quote(dbname, safe="")))
+    query = parts.query
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(key == "dbname" for key, _ in pairs):
+        query = urlencode([(key, value) for key, value in pairs if key != "dbname"], safe="/")
+    out = f"{parts.scheme}://{parts.netloc}/{quote(dbname, safe='')}"
+    return out + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
 
 
 def with_dbname(url: str, dbname: str) -> str:

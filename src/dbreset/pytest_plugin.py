@@ -92,9 +92,17 @@ class _State:
     exported: dict[str, str | None] = field(default_factory=dict)
     #: the URL of the embedded server's database, when the plugin started one
     embedded_url: str | None = None
+    #: the settings read before the conftests (a URL with ``{branch}`` is
+    #: exported resolved: what it was written as is kept here)
+    early: Settings | None = None
     #: canary problems found at the end (this process's and the workers')
     problems: list[str] = field(default_factory=list)
     canary_fired: bool = False
+    #: the canary checks at the end of the session in this process (a worker:
+    #: only when it has a database of its own; the controller checks a shared one)
+    check_at_end: bool = True
+    #: the worker whose database the next replacement worker takes over
+    spare: str | None = None
 
 
 _STATE = pytest.StashKey[_State]()
@@ -264,7 +272,7 @@ def _informational(config: pytest.Config, option: Any = None) -> bool:
 
 
 def _settings(config: pytest.Config, option: Any = None) -> Settings:
-    from dbreset.settings import resolve_settings
+    from dbreset.settings import CONFIG_KEYS, resolve_settings
 
     option = option if option is not None else config.option
     alembic_config = option.dbreset_config
@@ -278,17 +286,7 @@ def _settings(config: pytest.Config, option: Any = None) -> Settings:
         "wait": option.dbreset_wait,
         "allow_remote": option.dbreset_allow_remote,
     }
-    keys = (
-        "url_env",
-        "alembic_config",
-        "schemas",
-        "exclude",
-        "allowed_hosts",
-        "wait",
-        "export_env",
-        "allowed_databases",
-    )
-    ini = {key: config.getini(f"dbreset_{key}") or None for key in keys}
+    ini = {key: config.getini(f"dbreset_{key}") or None for key in CONFIG_KEYS}
     label = config.inipath.name if config.inipath else "pytest ini"
     return resolve_settings(flags, cwd=config.rootpath, ini=ini, ini_label=label)
 
@@ -317,25 +315,27 @@ def _flag(config: pytest.Config, name: str) -> bool:
 
 @pytest.hookimpl
 def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
-    """Before any conftest is imported: a worker points its URL variables at
-    its own database; a controller with ``dbreset_embedded`` and no URL starts
-    the throwaway server and exports its URL, so that import-time code finds it."""
+    """Before any conftest is imported, so that import-time code finds the URL:
+    a worker points its URL variables at its own database; a controller points
+    every ``export_env`` variable at the target, and with ``dbreset_embedded``
+    and no URL starts the throwaway server and exports its URL."""
     option = early_config.known_args_namespace
     if not _enabled(early_config, option) or _informational(early_config, option):
         return
-    if _point_worker_at_its_database():
+    if _point_worker_at_its_database() or hasattr(early_config, "workerinput"):
         return
     with contextlib.suppress(Exception):  # any problem is reported in pytest_configure
+        state = early_config.stash.setdefault(_STATE, _State())
+        settings = _settings(early_config, option)
+        state.early = settings
+        if settings.url is not None:
+            _export_all(state, settings)
+            return
         embedded = getattr(option, "dbreset_embedded", None)
         if embedded is None:
             embedded = bool(early_config.getini("dbreset_embedded"))
-        if not embedded:
-            return
-        settings = _settings(early_config, option)
-        if settings.url is not None:
-            return
-        state = early_config.stash.setdefault(_STATE, _State())
-        _start_embedded(early_config, state, settings)
+        if embedded:
+            _start_embedded(early_config, state, settings)
 
 
 def _point_worker_at_its_database() -> bool:
@@ -348,10 +348,12 @@ def _point_worker_at_its_database() -> bool:
         return False
     try:
         data = json.loads(raw)
-        if int(data["pid"]) != os.getppid() or worker not in data["urls"]:
+        if int(data["pid"]) != os.getppid():
             return False
+        # a replacement for a crashed worker takes over the crashed one's database
+        url = data["urls"].get(worker) or data["urls"][data["next"]]
         for name in data["vars"]:
-            os.environ[str(name)] = str(data["urls"][worker])
+            os.environ[str(name)] = str(url)
     except (ValueError, KeyError, TypeError):
         return False
     return True
@@ -381,6 +383,7 @@ def _configure_worker(config: pytest.Config, state: _State, workerinput: dict[st
 
     state.mode = str(handed["mode"])
     state.clean = str(handed["clean"])
+    state.check_at_end = bool(handed.get("own"))
     url = str(handed["url"])
     for name in handed["vars"]:  # as the early hook did, unless it could not
         if os.environ.get(name) != url:
@@ -424,6 +427,15 @@ def _configure_controller(config: pytest.Config, state: _State) -> None:
     settings = None
     try:
         settings = _settings(config)
+        early = state.early
+        if early is not None and early.url_template and settings.url == early.url:
+            # exported resolved before the conftests: still the same {branch} URL
+            settings = replace(
+                settings,
+                url_template=early.url_template,
+                branch=early.branch,
+                worktree=early.worktree,
+            )
         state.mode = _choice(config, "canary", CANARY_MODES, "session")
         state.clean = _choice(config, "clean", CLEAN_MODES, "off")
         isolation = _choice(config, "isolation", ISOLATION_MODES, "shared")
@@ -508,6 +520,7 @@ def _prepare_workers(
     baseline_json = result.baseline.to_json()
     for db in result.workers:
         state.handed[db.worker] = {
+            "own": True,
             "mode": state.mode,
             "clean": state.clean,
             "url": db.url,
@@ -713,6 +726,9 @@ def pytest_configure_node(node: Any) -> None:
         return
     worker = node.gateway.id
     handed = state.handed.get(worker)
+    if handed is None and state.spare is not None:  # a crashed worker's replacement
+        handed = state.handed[worker] = _take_over(state, state.spare)
+        state.spare = None
     if handed is None:  # one shared database
         settings = state.settings
         handed = {
@@ -731,6 +747,23 @@ def pytest_configure_node(node: Any) -> None:
     node.workerinput[_WORKERINPUT_KEY] = handed
 
 
+def _take_over(state: _State, crashed: str) -> dict[str, Any]:
+    """What a crashed worker had, for its replacement: the same database, with
+    the canary's snapshot taken again (the crashed worker's cleaner may have
+    rewritten relations since the first)."""
+    handed = dict(state.handed[crashed])
+    if handed.get("snapshot"):
+        from dbreset import database, session
+
+        snapshot = session.CanarySnapshot.from_dict(handed["snapshot"])
+        name = database.make_target(snapshot.url).dbname
+        for guard in state.guards:
+            if guard.target.dbname == name:
+                again = session.canary_snapshot(guard.conn, snapshot.url, snapshot.schemas)
+                handed["snapshot"] = again.to_dict()
+    return handed
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node: Any, error: object) -> None:
     """pytest-xdist, in the controller: what a worker's canary found at its end."""
@@ -739,6 +772,12 @@ def pytest_testnodedown(node: Any, error: object) -> None:
     problem = output.get("dbreset_canary")
     if state is not None and problem:
         state.problems.append(f"[{node.gateway.id}] {problem}")
+    worker = node.gateway.id
+    if state is not None and error is not None and worker in state.handed:
+        # xdist starts a replacement right after this hook, with our environment
+        state.spare = worker
+        data = json.loads(os.environ[_WORKERS_VAR])
+        os.environ[_WORKERS_VAR] = json.dumps({**data, "next": worker})
 
 
 @pytest.hookimpl(trylast=True)
@@ -748,7 +787,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state = config.stash.get(_STATE, None)
     if state is None:
         return
-    if state.canary is not None and state.mode != "off" and not state.canary_fired:
+    checking = state.canary is not None and state.mode != "off" and state.check_at_end
+    if checking and state.canary is not None and not state.canary_fired:
         problem = state.canary.verify()
         if problem:
             state.canary_fired = True
@@ -907,8 +947,12 @@ def dbreset_clean(pytestconfig: pytest.Config) -> DbresetClean:
         cleaner = _cleaner(pytestconfig)
         result = cleaner.clean() if cleaner is not None else None
     except DbResetError as exc:
-        pytest.fail(f"dbreset: {_pytest_flags(str(exc))}", pytrace=False)
-    return DbresetClean(result)
+        problem = f"dbreset: {_pytest_flags(str(exc))}"
+    else:
+        return DbresetClean(result)
+    # Outside the except block: failing inside it would chain the library's
+    # error, and the report would show the message twice ("During handling...").
+    pytest.fail(problem, pytrace=False)
 
 
 class _CanaryEachTest:

@@ -7,7 +7,7 @@ included, can mask what it prints without importing the connection code.
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 #: ``password=value`` in a libpq key/value string: a value is quoted with ``'``
 #: (and backslash escapes) or runs to the next space
@@ -27,18 +27,8 @@ def mask_url(url: str) -> str:
     such as a libpq key/value string, has its ``password=...`` masked."""
     if "://" not in url:
         return _KEYVALUE_PASSWORD.sub(r"\1***", url)
-    rest = url.partition("://")[2]
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        parts = None
-    clean = (
-        parts is not None
-        and rest.count("@") <= 1
-        and ("@" not in rest or "@" in parts.netloc)
-        and not any(c.isspace() for c in parts.netloc)
-    )
-    if not clean or parts is None:
+    parts = _clean_split(url)
+    if parts is None:
         loose = _LOOSE_USERINFO.match(url)
         if loose:
             url = f"{loose.group(1)}:***@{url[loose.end() :]}"
@@ -53,6 +43,21 @@ def mask_url(url: str) -> str:
         if any(key == "password" for key, _ in pairs):
             query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs])
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _clean_split(url: str) -> SplitResult | None:
+    """*url* split, when its user part is unambiguous: at most one '@', and
+    that one before the host, and no space in it; else None."""
+    rest = url.partition("://")[2]
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    if rest.count("@") > 1 or ("@" in rest and "@" not in parts.netloc):
+        return None
+    if any(c.isspace() for c in parts.netloc):
+        return None
+    return parts
 
 
 def password_of(url: str) -> str | None:
@@ -80,13 +85,36 @@ def password_of(url: str) -> str | None:
     return None
 
 
-def scrub(text: str, url: str | None) -> str:
-    """Remove the password of *url* from *text* (a driver message can hold the DSN)."""
-    secret = password_of(url) if url else None
+#: What ends a piece of a password that a URL parser split apart
+_URL_DELIMITERS = re.compile(r"[/#?:@\s]+")
+
+
+def _secrets(url: str) -> set[str]:
+    """Every text that could be (part of) the password of *url*. When the URL
+    does not parse cleanly, a parser's message may quote any piece of what lies
+    between the user name and the last '@' ("invalid port 'Hunter'"): the whole
+    of it and each piece between the characters that split it."""
+    found: set[str] = set()
+    secret = password_of(url)
     if secret:
-        for form in sorted({secret, unquote(secret)}, key=len, reverse=True):
-            if form:
-                text = text.replace(form, "***")
+        found |= {secret, unquote(secret)}
+    if "://" not in url or _clean_split(url) is not None:
+        return found  # the password is exactly known
+    loose = _LOOSE_USERINFO.match(url)
+    if loose and loose.group(2):
+        span = loose.group(2)
+        found |= {span, unquote(span)}
+        found |= {piece for piece in _URL_DELIMITERS.split(span) if piece}
+    return found
+
+
+def scrub(text: str, url: str | None) -> str:
+    """Remove the password of *url* from *text* (a driver message can hold the
+    DSN, a parser's message a piece of an ambiguous URL's password)."""
+    secrets = _secrets(url) if url else set()
+    for form in sorted(secrets, key=len, reverse=True):
+        if form:
+            text = text.replace(form, "***")
     return text
 
 

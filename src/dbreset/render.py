@@ -273,7 +273,13 @@ def _status(res: StatusResult, quiet: bool) -> None:
         rows = _some([_rows(t) for t in res.nonempty])
         _line("rows", f"{len(res.nonempty)} of {res.tables_checked} tables hold rows: {rows}")
     elif res.tables_checked or not res.problem:
-        _line("rows", f"all {res.tables_checked} tables are empty")
+        seeded = " but for the seeded rows" if res.baseline else ""
+        _line("rows", f"all {res.tables_checked} tables are empty{seeded}")
+    if res.seeded_changed:
+        changed = _some([escape(t) for t in res.seeded_changed])
+        _line("seeded", f"not as freshly migrated: {changed}")
+    if not res.baseline and res.heads:
+        _line("baseline", "not known yet (the next reset builds the pristine database)")
     _line("held by", escape("; ".join(res.holders)) if res.holders else "nobody")
     _out().print("  [cyan]settings[/]")
     for key, setting in res.settings.items():
@@ -296,26 +302,20 @@ def _list(res: ListResult, quiet: bool) -> None:
     if not res.databases:
         _line("none", "dbreset has made no database for this target")
         return
-    from rich.table import Table
-
-    table = Table(box=None, pad_edge=False, show_edge=False, header_style="cyan")
-    for column in ("database", "kind", "size", "migrations", "current", "last used", "stale"):
-        table.add_column(column)
+    rows = [("database", "kind", "size", "migrations", "current", "last used", "stale")]
     for db in res.databases:
-        current = "" if db.current is None else ("yes" if db.current else "[yellow]no[/]")
+        current = "" if db.current is None else ("yes" if db.current else "no")
         migrations = ", ".join(db.revision) or (db.fingerprint or "")[:12]
-        kind = db.kind + (f" ({escape(db.branch)})" if db.branch else "")
+        kind = db.kind + (f" ({db.branch})" if db.branch else "")
         used = (db.last_used or "")[:16].replace("T", " ")
-        table.add_row(
-            escape(db.name),
-            kind,
-            _size(db.size_bytes),
-            escape(migrations),
-            current,
-            used,
-            escape(db.stale or ""),
+        rows.append(
+            (db.name, kind, _size(db.size_bytes), migrations, current, used, db.stale or "")
         )
-    _out().print(table)
+    widths = [max(len(printable(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for n, row in enumerate(rows):
+        cells = [printable(cell).ljust(width) for cell, width in zip(row, widths, strict=True)]
+        text = escape("  ".join(cells).rstrip())
+        _out().print(f"  [cyan]{text}[/]" if n == 0 else f"  {text}", crop=False)
 
 
 def _drop(res: DropResult, quiet: bool) -> None:

@@ -175,6 +175,7 @@ def prepare_workers(
                         made.baseline,
                         ctx.version_table,
                         canary_schemas,
+                        existing[names[worker]],
                     )
                     for worker in in_place
                 }
@@ -289,8 +290,10 @@ def _reset_worker(
     baseline: pristine.Baseline,
     version_table: tuple[str, str],
     canary_schemas: tuple[str, ...] | None,
+    mark: database.Mark | None = None,
 ) -> tuple[WorkerDatabase, SessionGuard]:
-    """Put an existing worker database back in place, then hold it."""
+    """Put an existing worker database back in place, then hold it (and note,
+    at most once an hour, when it was last used)."""
     from dataclasses import replace
 
     start = time.perf_counter()
@@ -305,6 +308,9 @@ def _reset_worker(
         database.acquire_exclusive(conn, wait=settings.wait, target=worker_target)
         ctx.probe = postgres.Probe(name, 0, None, True, None, None)
         emptied = operations._restore_locked(conn, ctx, baseline, dry_run=False)
+        now = database.now_iso()
+        if mark is not None and mark.used[:13] != now[:13]:
+            pristine.set_mark(conn, name, mark._replace(used=now))
         database.hold_for_session(conn)
         snapshot = canary_snapshot(conn, url, canary_schemas) if canary_schemas else None
     except BaseException:
@@ -564,6 +570,8 @@ class Cleaner:
         self._checks: list[tuple[str, Any]] = []
         #: seeded leaves and populated matviews: transaction ids of their rows
         self._xmins: dict[int, set[str]] = {}
+        #: what :meth:`prepare` put back, until the first :meth:`clean` reports it
+        self._prepared: operations.TruncateResult | None = None
 
     def prepare(self) -> operations.TruncateResult:
         """Plan, put the database back where needed (comparing seeded tables with
@@ -583,6 +591,7 @@ class Cleaner:
             version_table=self.version_table,
         )
         self._build()
+        self._prepared = result
         return result
 
     def _seeded(self) -> dict[str, pristine.SeededRows]:
@@ -668,6 +677,15 @@ class Cleaner:
         start = time.perf_counter()
         if self._plan is None:
             self.prepare()
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:  # the first clean: prepare() put back all it found
+            tables = [t.table for t in prepared.emptied] + [r.table for r in prepared.restored]
+            return CleanResult(
+                tables=tuple(dict.fromkeys(tables)),
+                sequences=prepared.sequences_restarted,
+                matviews=prepared.matviews_refreshed,
+                elapsed_ms=prepared.elapsed_ms + operations._ms(start),
+            )
         if not self._query:
             return CleanResult(elapsed_ms=operations._ms(start))
         try:
@@ -701,7 +719,14 @@ class Cleaner:
         views = [obj for kind, obj in dirty if kind == "matview"]
         holding = {t.oid for t in plan.tables if any(leaf.key in seeded for leaf in t.leaves)}
         replica = postgres.superuser(self.conn)
-        small = {t.oid for t in plan.tables if plan.deletable(t)}
+        # DELETE is cheaper for the few rows a test writes; a table that grew
+        # (bulk rows, or dead rows piling up from earlier DELETEs) is truncated
+        pages = postgres.file_pages(self.conn, tables)
+        small = {
+            t.oid
+            for t in plan.tables
+            if plan.deletable(t) and pages.get(t.oid, 0) <= postgres.DELETE_MAX_PAGES
+        }
         truncated, deleted = plan.split(
             tables,
             small,
