@@ -20,14 +20,27 @@ hand-written hook truncates -- partitions included. The schema has:
 Every sequence is owned by its column, so a plain
 ``TRUNCATE ... RESTART IDENTITY`` restarts all of them: the usual hook and
 dbreset can be held to the same end state.
+
+``generate(root, n, seeded=[rows, ...])`` adds one more migration, "reference
+data", as applications write them: it creates one reference table per entry
+(``ref00_country``, ...), seeds it with that many rows (``INSERT ... SELECT``
+from ``generate_series``, every value deterministic, so two migrations from
+empty leave the same rows) and gives every other reference table two
+referencing columns in earlier tables (``op.add_column`` with a foreign key).
+Those tables are not counted in ``n``. The freshly migrated state then holds
+the seeded rows and their sequences already called; the usual hook's TRUNCATE
+would wipe them. ``python bench/genproject.py DIR N --seeded K --seeded-rows R``
+writes such a project by hand.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import random
 import textwrap
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -169,11 +182,39 @@ class Table:
 
 
 @dataclass
+class Reference:
+    """A reference table that a migration creates and seeds."""
+
+    name: str
+    pk: str  # "identity_always", "serial", "identity_default"
+    rows: int
+    #: earlier tables that get a column referencing it
+    referenced_by: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Schema:
-    n_tables: int  # rows of pg_tables besides alembic_version
+    n_tables: int  # rows of pg_tables besides alembic_version, reference tables aside
     tables: list[Table]
     head: str
     migrations: int
+    reference: list[Reference] = field(default_factory=list)
+
+    @property
+    def relations(self) -> int:
+        """What pg_tables lists besides alembic_version."""
+        return self.n_tables + len(self.reference)
+
+    @property
+    def seeded_rows(self) -> int:
+        return sum(r.rows for r in self.reference)
+
+    def touch_sql(self, refs: Sequence[Reference]) -> str:
+        """Change one seeded row of each of *refs* (what a test that edits
+        reference data does): the reset then has to put those tables back."""
+        return ";\n".join(
+            f"UPDATE {quote(r.name)} SET weight = weight + 1 WHERE id = 1" for r in refs
+        )
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1))
@@ -326,8 +367,75 @@ def _create(table: Table, fk_types: dict[str, str]) -> str:
     return "\n    ".join(lines)
 
 
-def generate(root: Path, n: int, *, seed: int = 5) -> Schema:
-    """Write the project for ``n`` tables into ``root`` (created if needed)."""
+REF_WORDS = (
+    "country",
+    "currency",
+    "language",
+    "status",
+    "category",
+    "unit",
+    "role",
+    "permission",
+    "tax_rate",
+    "timezone",
+)
+REF_PK_KINDS = ("identity_default", "serial", "identity_always")
+
+
+def _plan_reference(tables: list[Table], seeded: Sequence[int], seed: int) -> list[Reference]:
+    rng = random.Random(seed + 1)
+    plain = [t.name for t in tables if not t.partitioned]
+    refs = []
+    for i, rows in enumerate(seeded):
+        ref = Reference(f"ref{i:02d}_{REF_WORDS[i % len(REF_WORDS)]}", REF_PK_KINDS[i % 3], rows)
+        if i % 2 == 0:
+            ref.referenced_by = rng.sample(plain, min(2, len(plain)))
+        refs.append(ref)
+    return refs
+
+
+def _reference_migration(refs: list[Reference]) -> tuple[str, str]:
+    """The body of the "reference data" migration, and of its downgrade."""
+    lines = []
+    for ref in refs:
+        cols = [
+            repr(ref.name),
+            _pk_column(ref.pk),
+            'sa.Column("code", sa.Text(), nullable=False, unique=True)',
+            'sa.Column("label", sa.Text(), nullable=False)',
+            'sa.Column("weight", sa.Integer(), nullable=False)',
+        ]
+        args = ",\n        ".join(cols)
+        lines.append(f"op.create_table(\n        {args},\n    )")
+        insert = _REF_INSERT.format(name=quote(ref.name), rows=ref.rows)
+        lines.append(f"op.execute(\n        {insert!r}\n    )")
+        fk_type = "BigInteger" if ref.pk == "identity_always" else "Integer"
+        for table in ref.referenced_by:
+            column = f"{ref.name}_id"
+            lines.append(
+                f"op.add_column({table!r}, sa.Column({column!r}, sa.{fk_type}(), "
+                f"sa.ForeignKey({ref.name + '.id'!r}), nullable=True))"
+            )
+            index = f"ix_{table.lower()}_{column}"[:63]
+            lines.append(f"op.create_index({index!r}, {table!r}, [{column!r}])")
+    drops = []
+    for ref in reversed(refs):
+        for table in ref.referenced_by:
+            drops.append(f"op.drop_column({table!r}, {ref.name + '_id'!r})")
+        drops.append(f"op.drop_table({ref.name!r})")
+    return "\n    ".join(lines), "\n    ".join(drops)
+
+
+_REF_INSERT = (
+    "INSERT INTO {name} (code, label, weight) "
+    "SELECT 'C' || lpad(g::text, 7, '0'), 'Reference ' || g, g % 97 "
+    "FROM generate_series(1, {rows}) g"
+)
+
+
+def generate(root: Path, n: int, *, seed: int = 5, seeded: Sequence[int] = ()) -> Schema:
+    """Write the project for ``n`` tables into ``root`` (created if needed);
+    *seeded*: one reference table per entry, seeded with that many rows."""
     tables = _plan(n, seed)
     versions = root / "migrations" / "versions"
     versions.mkdir(parents=True, exist_ok=True)
@@ -341,15 +449,25 @@ def generate(root: Path, n: int, *, seed: int = 5) -> Schema:
     blocks = [
         tables[k : k + TABLES_PER_MIGRATION] for k in range(0, len(tables), TABLES_PER_MIGRATION)
     ]
+    refs = _plan_reference(tables, seeded, seed)
+    steps = [
+        (
+            f"Tables {k * TABLES_PER_MIGRATION} to {k * TABLES_PER_MIGRATION + len(block) - 1}",
+            f"tables_{k:03d}",
+            "\n\n    ".join(_create(t, fk_types) for t in block),
+            "\n    ".join(f"op.drop_table({t.name!r})" for t in reversed(block)),
+        )
+        for k, block in enumerate(blocks)
+    ]
+    if refs:
+        steps.append(("Reference data", "reference_data", *_reference_migration(refs)))
     previous: str | None = None
     revision = ""
-    for k, block in enumerate(blocks):
+    for k, (title, slug, body, drops) in enumerate(steps):
         revision = f"{k + 1:04d}{n:08x}"
-        body = "\n\n    ".join(_create(t, fk_types) for t in block)
-        drops = "\n    ".join(f"op.drop_table({t.name!r})" for t in reversed(block))
         text = textwrap.dedent(
             f'''\
-            """Tables {k * TABLES_PER_MIGRATION} to {k * TABLES_PER_MIGRATION + len(block) - 1}
+            """{title}
 
             Revision ID: {revision}
             Revises: {previous or ""}
@@ -373,8 +491,26 @@ def generate(root: Path, n: int, *, seed: int = 5) -> Schema:
             '''
         )
         text = text.replace("@BODY@", body).replace("@DROPS@", drops)
-        (versions / f"{revision}_tables_{k:03d}.py").write_text(text)
+        (versions / f"{revision}_{slug}.py").write_text(text)
         previous = revision
-    schema = Schema(n, tables, revision, len(blocks))
+    schema = Schema(n, tables, revision, len(steps), refs)
     schema.save(root / "schema.json")
     return schema
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write a generated Alembic project.")
+    parser.add_argument("root", type=Path)
+    parser.add_argument("tables", type=int)
+    parser.add_argument("--seeded", type=int, default=0, help="reference tables seeded")
+    parser.add_argument("--seeded-rows", type=int, default=100, help="rows in each")
+    args = parser.parse_args(argv)
+    schema = generate(args.root, args.tables, seeded=[args.seeded_rows] * args.seeded)
+    print(
+        f"{args.root}: {schema.relations} tables ({schema.seeded_rows} seeded rows in "
+        f"{len(schema.reference)}), {schema.migrations} migrations, head {schema.head}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -86,7 +86,7 @@ def main() -> int:
     psycopg.Connection.execute = execute  # type: ignore[method-assign]
     psycopg.Connection.close = close  # type: ignore[method-assign]
 
-    from dbreset.console import main as console_main
+    from dbreset.main import main as console_main
 
     sys.argv = ["dbreset", *argv]
     profile = cProfile.Profile()

