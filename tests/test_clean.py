@@ -354,3 +354,87 @@ def test_the_cleaners_own_truncate_does_not_fire_the_canary(
     assert result.ret == 0, text
     result.assert_outcomes(passed=3)
     assert "reset/truncated/rebuilt" not in text
+
+
+# --------------------------------------------------------------------------- the cheap check, in process
+
+
+def test_nothing_written_since_the_last_check_is_trusted_but_a_bare_nextval_is_seen(
+    isolated: Path, make_db: Callable[..., str]
+) -> None:
+    """When the server wrote no WAL since the last full check, nothing changed:
+    one cheap query. That holds for sequences too only because the cleaner
+    empties every called sequence's cache of logged values (setval), so that a
+    nextval alone, with no row written, still writes WAL and is seen."""
+    import psycopg
+
+    from conftest import copy_project, scalar
+    from dbreset import session
+    from dbreset.settings import resolve_settings
+
+    ini = copy_project("seeded", isolated)
+    url = make_db()
+    settings = resolve_settings(
+        {
+            "url": url,
+            "alembic_config": str(ini),
+            "schemas": ["public", "refData"],
+            "exclude": ["cache_entry"],  # unlogged: its changes write no WAL
+        },
+        env={},
+        cwd=isolated,
+    )
+    done = session.reset_and_guard(settings)
+    try:
+        cleaner = session.Cleaner(
+            done.guard.conn, settings, done.baseline, version_table=done.version_table
+        )
+        cleaner.clean()  # prepares: plans, checks in full
+        assert cleaner._wal_ok
+        assert scalar(url, "SELECT log_cnt FROM role_id_seq") == 0
+        assert not cleaner.clean().changed  # a full check, which notes the WAL position
+        assert not cleaner.clean().changed  # the cheap one
+        with psycopg.connect(url, autocommit=True) as conn:
+            assert conn.execute("SELECT nextval('role_id_seq')").fetchone() == (5,)
+        assert cleaner.clean().sequences == ("public.role_id_seq",)
+        assert not cleaner.clean().changed
+        assert scalar(url, "SELECT nextval('role_id_seq')") == 5
+        assert cleaner.clean().sequences == ("public.role_id_seq",)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("UPDATE role SET name = 'boss' WHERE id = 1")
+        # role_permission references role: it is put back with it
+        assert set(cleaner.clean().tables) == {"public.role", "public.role_permission"}
+        assert scalar(url, "SELECT name FROM role WHERE id = 1") == "administrator"
+    finally:
+        done.guard.close()
+
+
+def test_with_an_unlogged_table_every_check_is_a_full_one(
+    isolated: Path, make_db: Callable[..., str]
+) -> None:
+    import psycopg
+
+    from conftest import copy_project
+    from dbreset import session
+    from dbreset.settings import resolve_settings
+
+    ini = copy_project("seeded", isolated)
+    url = make_db()
+    settings = resolve_settings(
+        {"url": url, "alembic_config": str(ini), "schemas": ["public", "refData"]},
+        env={},
+        cwd=isolated,
+    )
+    done = session.reset_and_guard(settings)
+    try:
+        cleaner = session.Cleaner(
+            done.guard.conn, settings, done.baseline, version_table=done.version_table
+        )
+        cleaner.clean()
+        assert not cleaner._wal_ok
+        assert not cleaner.clean().changed
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("""INSERT INTO cache_entry (key, value) VALUES ('k', '"v"')""")
+        assert cleaner.clean().tables == ("public.cache_entry",)
+    finally:
+        done.guard.close()

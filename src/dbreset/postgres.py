@@ -1095,6 +1095,14 @@ def blockers(conn: psycopg.Connection[Any], tables: Sequence[Table]) -> list[Hol
 
 SERVER_SQL = "SELECT current_setting('server_version'), current_database()"
 
+#: Whether the server's WAL position can tell that nothing changed: a primary,
+#: and none of these relations unlogged (their changes write no WAL).
+WAL_WATCH_SQL = """
+SELECT NOT pg_is_in_recovery() AND NOT EXISTS (
+    SELECT FROM pg_class WHERE oid = ANY(%(oids)s::oid[]) AND relpersistence = 'u')
+"""
+WAL_LSN_SQL = "SELECT pg_current_wal_insert_lsn()::text"
+
 
 # --------------------------------------------------------------------------- baselines
 # Read on a database freshly migrated from empty (the pristine database): the

@@ -570,6 +570,9 @@ class Cleaner:
         self._checks: list[tuple[str, Any]] = []
         #: seeded leaves and populated matviews: transaction ids of their rows
         self._xmins: dict[int, set[str]] = {}
+        #: the server's WAL position when a full check last found nothing changed
+        self._lsn: str | None = None
+        self._wal_ok = False
         #: what :meth:`prepare` put back, until the first :meth:`clean` reports it
         self._prepared: operations.TruncateResult | None = None
 
@@ -591,8 +594,39 @@ class Cleaner:
             version_table=self.version_table,
         )
         self._build()
+        self._watch_wal()
         self._prepared = result
         return result
+
+    def _watch_wal(self) -> None:
+        """Whether "the server wrote no WAL since the last check" may stand for
+        "nothing changed": every committed change to a logged table writes WAL,
+        and so does a sequence's nextval once its cached values are used up --
+        which setval empties, so every called sequence is set (to where it is)
+        now. Not when the plan holds an unlogged relation (no WAL), nor on a
+        standby."""
+        plan = self._plan
+        assert plan is not None
+        oids = [leaf.oid for t in plan.tables for leaf in t.leaves]
+        oids += [s.oid for s in plan.sequences] + [v.oid for v in plan.matviews]
+        row = self.conn.execute(postgres.WAL_WATCH_SQL, {"oids": oids}).fetchone()
+        self._wal_ok = bool(row and row[0])
+        if self._wal_ok and plan.sequences:
+            called = [
+                s
+                for s in plan.sequences
+                if postgres._expected(s, self._expected_sequences()).is_called
+            ]
+            if called:
+                self.conn.execute(
+                    "SELECT count(setval(s, pg_sequence_last_value(s), true)) "
+                    "FROM unnest(%s::oid[]) AS s WHERE pg_sequence_last_value(s) IS NOT NULL",
+                    ([s.oid for s in called],),
+                )
+        self._lsn = None
+
+    def _expected_sequences(self) -> dict[str, postgres.Expected]:
+        return dict(self.baseline.sequences) if self.baseline is not None else {}
 
     def _seeded(self) -> dict[str, pristine.SeededRows]:
         return dict(self.baseline.tables) if self.baseline is not None else {}
@@ -688,6 +722,13 @@ class Cleaner:
             )
         if not self._query:
             return CleanResult(elapsed_ms=operations._ms(start))
+        lsn: str | None = None
+        if self._wal_ok:
+            # read before the check: whatever commits after it moves it on
+            found = self.conn.execute(postgres.WAL_LSN_SQL, prepare=True).fetchone()
+            lsn = str(found[0]) if found else None
+            if lsn is not None and lsn == self._lsn:
+                return CleanResult(elapsed_ms=operations._ms(start))
         try:
             row = self.conn.execute(self._query, self._params(), prepare=True).fetchone()
         except psycopg.errors.LockNotAvailable:
@@ -695,7 +736,9 @@ class Cleaner:
             raise self._busy(list(self._plan.tables)) from None
         dirty = [self._checks[i] for i in (row[0] if row else [])]
         if not dirty:
+            self._lsn = lsn
             return CleanResult(elapsed_ms=operations._ms(start))
+        self._lsn = None  # our own writes move it: the next clean checks in full
         return self._put_back(dirty, start)
 
     def _busy(self, tables: list[postgres.Table]) -> BusyError:
