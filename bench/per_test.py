@@ -66,13 +66,11 @@ TARGET_CHANGED_MS = 5.0
 TARGET_UNCHANGED_MS = 1.0
 SUITES = ("write", "read")
 AS_SHIPPED = "dbreset_clean = test"
-NO_REPLICA = "dbreset_clean = test, the non-superuser path (no session_replication_role)"
 
 
 class Variant(NamedTuple):
     suite: str
     clean: bool
-    no_replica: bool = False
 
     @property
     def changed(self) -> int:
@@ -82,15 +80,13 @@ class Variant(NamedTuple):
     def label(self) -> str:
         if not self.clean:
             return f"{self.suite} suite, dbreset_clean = off"
-        return NO_REPLICA if self.no_replica else AS_SHIPPED
+        return AS_SHIPPED
 
 
-#: Alternating in every round. The no-replica run measures around a slow path of
-#: the superuser's clean (see suites.CONFTEST), to show what it costs.
+#: Alternating in every round.
 VARIANTS = (
     Variant("write", False),
     Variant("write", True),
-    Variant("write", True, no_replica=True),
     Variant("read", False),
     Variant("read", True),
 )
@@ -117,14 +113,10 @@ def bench_per_test(
     dirs = {kind: suites.write_suite(db.project, kind, tests, alembic_ini) for kind in SUITES}
     base = [str(BIN / "pytest"), "-p", "no:cacheprovider", "--dbreset"]
     times_file = workdir / "per_test_times.json"
-    patch_file = workdir / "per_test_no_replica.txt"
-    patch_file.unlink(missing_ok=True)
 
     def once(variant: Variant) -> tuple[float, list[list[Any]]]:
         argv = [*base, "--dbreset-clean", "test"] if variant.clean else base
         run_env = {**env, "BENCH_TIMES": str(times_file)}
-        if variant.no_replica:
-            run_env["BENCH_NO_REPLICA"] = str(patch_file)
         times_file.unlink(missing_ok=True)
         seconds, out = timed_output(argv, cwd=dirs[variant.suite], env=run_env)
         if not re.search(rf"\b{tests} passed\b", out):
@@ -139,9 +131,6 @@ def bench_per_test(
     if warm_up:
         for variant in variants:
             once(variant)
-    if patch_file.exists():
-        log(f"  per-test: not measured without the replica role: {patch_file.read_text()}")
-        variants = [v for v in variants if not v.no_replica]
     process: dict[Variant, list[float]] = {v: [] for v in variants}
     inside: dict[Variant, list[float]] = {v: [] for v in variants}
     reported: dict[Variant, list[float]] = {v: [] for v in variants}
@@ -154,9 +143,6 @@ def bench_per_test(
                 first[variant].append(per_test[0][0])
                 inside[variant] += [t[0] for t in per_test[1:]]
                 reported[variant] += [t[1] for t in per_test[1:] if t[1] is not None]
-    if patch_file.exists() and any(v.no_replica for v in variants):
-        log(f"  per-test: not measured without the replica role: {patch_file.read_text()}")
-        variants = [v for v in variants if not v.no_replica]
     db.verify("the per-test suites")  # the next --dbreset run has to reset the write suite's rows
     rows = []
     for variant in variants:
@@ -330,15 +316,4 @@ def markdown(p: dict[str, Any]) -> list[str]:
             f"{'' if whole is None else f'{whole:.2f}'} | "
             f"{'' if first is None else f'{first:.0f}'} | {r['samples']} |"
         )
-    if any(r["method"] == NO_REPLICA for r in p["rows"]):
-        lines += [
-            "",
-            "The non-superuser row measures around a slow path: as a superuser (as here), "
-            "dbreset puts the tables back under `SET LOCAL session_replication_role = "
-            "replica`, and changing that setting makes PostgreSQL flush the session's plan "
-            "cache, so the next test's prepared check is planned again. In that run the "
-            "suite's conftest makes dbreset treat the role as a non-superuser "
-            "(`dbreset.postgres.superuser` returns False in the test process): foreign keys "
-            "stay checked and children are deleted first, with the same end state (checked).",
-        ]
     return lines

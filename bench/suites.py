@@ -17,9 +17,6 @@ The conftest opens one autocommit connection per process to ``DATABASE_URL``
 it is), and, with ``BENCH_TIMES=FILE``, times the setup of the
 ``dbreset_clean`` fixture -- the per-test cleaning, in the test's process --
 and writes one ``[ms, reported ms, tables put back]`` per test to FILE.
-``BENCH_NO_REPLICA=FILE`` makes dbreset in that process treat the role as a
-non-superuser (no ``session_replication_role = replica``; see the conftest),
-or writes to FILE why it could not.
 
 After a run, :func:`suite_state` reads what the written tables hold, so a
 benchmark can check that the run started from the freshly migrated state:
@@ -47,22 +44,6 @@ import psycopg
 import pytest
 
 TIMES = []
-
-if os.environ.get("BENCH_NO_REPLICA"):
-    # Measure around a slow path: as a superuser, dbreset's per-test clean puts
-    # tables back under SET LOCAL session_replication_role = replica, and that
-    # setting flushes the session's plan cache, so the next test's prepared
-    # check is planned again. A non-superuser's clean takes the other path
-    # (foreign keys checked, children first): make this process take it.
-    try:
-        from dbreset import postgres as _postgres
-
-        _postgres.superuser
-    except (ImportError, AttributeError):
-        Path(os.environ["BENCH_NO_REPLICA"]).write_text("dbreset.postgres.superuser is gone")
-    else:
-        _postgres.superuser = lambda conn: False
-
 
 def _url():
     url = os.environ["DATABASE_URL"]

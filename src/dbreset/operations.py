@@ -520,9 +520,12 @@ def _decide(
     baseline: pristine.Baseline | None,
     *,
     dry_run: bool,
+    read_sequences: bool = True,
 ) -> _Decision:
     """Which tables are not as the baseline has them (every table empty, without
-    one), and what puts them back.
+    one), and what puts them back. Without *read_sequences* every sequence is
+    set to its baseline unread (the same end state, one query less; which ones
+    had moved is not known then).
 
     Tables with pages are counted, except the small ones that DELETE would
     empty (their DELETE tells how many rows it removed); seeded tables are
@@ -588,7 +591,9 @@ def _decide(
                 restores.append(postgres.Restore(leaf, base.writable, base.rows, base.row_count))
                 decision.restored.append(Restored(leaf.qualified, base.row_count))
     put_back: list[postgres.Sequence_] = []
-    if dry_run or postgres.reads_sequence_state(conn):
+    if not read_sequences and not dry_run:
+        restart, put_back = set(), list(plan.sequences)
+    elif dry_run or postgres.reads_sequence_state(conn):
         restart = postgres.dirty_sequences(conn, plan.sequences, expected)
     else:
         restart = postgres.called_sequences(conn, plan.sequences, expected)
@@ -651,6 +656,7 @@ def _restore_locked(
     dry_run: bool,
     warnings: Sequence[str] = (),
     pending: bool = False,
+    read_sequences: bool = True,
 ) -> TruncateResult:
     """Put every chosen table and sequence where *baseline* has it (without one:
     empty, at its start), in one transaction, locking only what changes."""
@@ -667,7 +673,7 @@ def _restore_locked(
     )
     all_warnings = [*warnings]
     all_warnings += [f"{label} matched no table" for label in plan.unmatched_excludes]
-    decision = _decide(conn, plan, baseline, dry_run=dry_run)
+    decision = _decide(conn, plan, baseline, dry_run=dry_run, read_sequences=read_sequences)
     work = decision.work
 
     def result() -> TruncateResult:

@@ -1178,7 +1178,8 @@ ORDER BY d.datname
 
 #: Ordinary tables, partitioned tables and partitions, sequences, materialized views.
 CANARY_SNAPSHOT_SQL = """
-SELECT c.oid, c.relfilenode, n.nspname, c.relname, c.relkind
+SELECT c.oid, c.relfilenode, n.nspname, c.relname, c.relkind,
+       (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p', 'S', 'm') AND c.relpersistence <> 't'
   AND n.nspname = ANY(%(schemas)s)

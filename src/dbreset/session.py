@@ -307,7 +307,11 @@ def _reset_worker(
     try:
         database.acquire_exclusive(conn, wait=settings.wait, target=worker_target)
         ctx.probe = postgres.Probe(name, 0, None, True, None, None)
-        emptied = operations._restore_locked(conn, ctx, baseline, dry_run=False)
+        # which sequences a worker's tests moved is of no interest: all are set
+        # to their baseline unread (cheaper than reading them in a new session)
+        emptied = operations._restore_locked(
+            conn, ctx, baseline, dry_run=False, read_sequences=False
+        )
         now = database.now_iso()
         if mark is not None and mark.used[:13] != now[:13]:
             pristine.set_mark(conn, name, mark._replace(used=now))
@@ -408,9 +412,12 @@ def canary_snapshot(
     rows = conn.execute(postgres.CANARY_SNAPSHOT_SQL, {"schemas": list(schemas)}).fetchall()
     relations = tuple(
         CanaryRelation(int(oid), int(filenode), printable(f"{schema}.{name}"), str(kind))
-        for oid, filenode, schema, name, kind in rows
+        for oid, filenode, schema, name, kind, _ in rows
     )
-    database_oid, digest = _canary_state(conn, _oid_array([r.oid for r in relations]))
+    if rows:
+        database_oid, digest = int(rows[0][5]), _digest(relations)
+    else:
+        database_oid, digest = _canary_state(conn, "{}")
     return CanarySnapshot(url, database_oid, digest, tuple(schemas), relations)
 
 
