@@ -367,3 +367,41 @@ def test_a_lost_baseline_file_is_read_again_from_the_pristine_database(
     result = dbreset.reset(settings)
     assert not result.pristine_built and result.truncate.restored
     assert_same_state(url, expected)
+
+
+def test_seeded_tables_found_unchanged_are_trusted_by_their_row_versions(
+    seeded: Path, make_db: Callable[..., str], isolated: Path
+) -> None:
+    """A reset that finds a seeded table as the baseline has it remembers its
+    file, row count and row versions; the next reset trusts those instead of
+    reading every row again, and still sees any change."""
+    url = make_db()
+    settings = settings_for(url, seeded, schemas=SEEDED_SCHEMAS)
+    dbreset.reset(settings)
+    dbreset.reset(settings)
+    versions = list((isolated.parent / "cache" / "dbreset").glob("versions-*.json"))
+    assert len(versions) == 1
+    recorded = json.loads(versions[0].read_text())["tables"]
+    assert "public.role" in recorded and recorded["public.role"][1] == 3
+    expected = snapshot(url)
+    changes = [
+        "UPDATE role SET name = 'boss' WHERE id = 1",
+        "DELETE FROM \"refData\".\"Currency\" WHERE code = 'JPY'",
+        "INSERT INTO status (code, label) VALUES ('new', 'New')",
+    ]
+    for change in changes:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(change)
+        result = dbreset.reset(settings)
+        assert result.truncate.restored, change
+        assert_same_state(url, expected)
+        assert dbreset.reset(settings).truncate.restored == ()
+    # the same row deleted and inserted again: new row versions, the same rows,
+    # so the digest is read again and finds nothing to put back
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "WITH gone AS (DELETE FROM status WHERE id = 1 RETURNING *) "
+            "INSERT INTO status SELECT * FROM gone"
+        )
+    assert dbreset.reset(settings).truncate.restored == ()
+    assert_same_state(url, expected)

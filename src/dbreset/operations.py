@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
@@ -512,6 +512,8 @@ class _Decision:
         self.restored: list[Restored] = []
         #: tables with seeded rows: reported as restored, not as emptied
         self.holding: set[int] = set()
+        #: row versions of the seeded tables found as the baseline has them
+        self.versions: dict[str, postgres.RowVersions] = {}
 
 
 def _decide(
@@ -521,6 +523,7 @@ def _decide(
     *,
     dry_run: bool,
     read_sequences: bool = True,
+    recorded: Mapping[str, postgres.RowVersions] | None = None,
 ) -> _Decision:
     """Which tables are not as the baseline has them (every table empty, without
     one), and what puts them back. Without *read_sequences* every sequence is
@@ -536,9 +539,16 @@ def _decide(
     expected = dict(baseline.sequences) if baseline is not None else None
     pages = postgres.file_pages(conn, plan.tables)
     seeded_leaves = [leaf for t in plan.tables for leaf in t.leaves if leaf.key in seeded]
-    found = postgres.contents(conn, seeded_leaves)
+    recorded = recorded or {}
+    trusted = postgres.unchanged(
+        conn, [(leaf, recorded[leaf.key]) for leaf in seeded_leaves if leaf.key in recorded]
+    )
+    found = postgres.contents(conn, [leaf for leaf in seeded_leaves if leaf.oid not in trusted])
     changed_leaves: set[int] = set()
     for leaf in seeded_leaves:
+        if leaf.oid in trusted:
+            decision.versions[leaf.key] = recorded[leaf.key]
+            continue
         base = seeded[leaf.key]
         now = found[leaf.oid]
         if now.columns != base.columns:
@@ -550,6 +560,8 @@ def _decide(
             )
         if (now.rows, now.digest) != (base.row_count, base.digest):
             changed_leaves.add(leaf.oid)
+        elif now.versions is not None:
+            decision.versions[leaf.key] = now.versions
     holding = {t.oid for t in plan.tables if any(leaf.key in seeded for leaf in t.leaves)}
     small = {
         t.oid
@@ -673,8 +685,25 @@ def _restore_locked(
     )
     all_warnings = [*warnings]
     all_warnings += [f"{label} matched no table" for label in plan.unmatched_excludes]
-    decision = _decide(conn, plan, baseline, dry_run=dry_run, read_sequences=read_sequences)
+    keep_versions = baseline is not None and ctx.probe is not None and ctx.probe.database_oid
+    recorded = (
+        pristine.recall_versions(target, ctx.probe.database_oid, baseline.digest)
+        if keep_versions and baseline is not None and ctx.probe is not None
+        else None
+    )
+    decision = _decide(
+        conn, plan, baseline, dry_run=dry_run, read_sequences=read_sequences, recorded=recorded
+    )
     work = decision.work
+
+    def remember() -> None:
+        """What the next reset may trust without reading every seeded row."""
+        if not keep_versions or baseline is None or ctx.probe is None:
+            return
+        restored = {r.leaf.key for r in work.restore}
+        versions = {k: v for k, v in decision.versions.items() if k not in restored}
+        if versions != (recorded or {}):
+            pristine.remember_versions(target, ctx.probe.database_oid, baseline.digest, versions)
 
     def result() -> TruncateResult:
         cap = postgres.ROW_COUNT_CAP
@@ -720,6 +749,7 @@ def _restore_locked(
     units = [*work.truncate, *work.delete]
     changes = units or work.restart or work.put_back or work.matviews
     if not changes and not work.matviews_unless_clean:
+        remember()
         return result()
     postgres.check_lock_table(conn, work.truncate, work.delete)
     xid: str | None = None
@@ -788,6 +818,7 @@ def _restore_locked(
             + "; nothing was changed"
         ) from None
     ctx.journal.done(label)
+    remember()
     return result()
 
 

@@ -673,21 +673,54 @@ class Content(NamedTuple):
     columns: str
     rows: int
     digest: str
+    #: its file, and the transactions that wrote its rows (see :class:`RowVersions`)
+    versions: RowVersions | None = None
+
+
+class RowVersions(NamedTuple):
+    """A table's file, row count and the ids of the transactions that wrote its
+    rows. Any insert, update or delete since changes the count or writes a row
+    version with a new id, so while these match, the rows are the same: a
+    cheaper proof than reading and hashing them all."""
+
+    filenode: int
+    rows: int
+    xmins: tuple[str, ...]
 
 
 def contents(
     conn: psycopg.Connection[Any], relations: Sequence[Leaf | Matview], *, only: bool = True
 ) -> dict[int, Content]:
-    """Columns, row count and digest of each relation (one round trip)."""
+    """Columns, row count, digest and row versions of each relation (one round trip)."""
     if not relations:
         return {}
     query = " UNION ALL ".join(
-        f"SELECT {rel.oid}::oid, {COLUMNS_SQL.format(oid=rel.oid)}, s.n, s.d FROM "
-        f"(SELECT count(*) AS n, {ROWS_DIGEST} AS d FROM {'ONLY ' if only else ''}"
-        f"{rel.quoted} r) s"
+        f"SELECT {rel.oid}::oid, {COLUMNS_SQL.format(oid=rel.oid)}, s.n, s.d, s.x, "
+        f"(SELECT relfilenode FROM pg_class WHERE oid = {rel.oid}) FROM "
+        f"(SELECT count(*) AS n, {ROWS_DIGEST} AS d, array_agg(DISTINCT r.xmin::text) AS x "
+        f"FROM {'ONLY ' if only else ''}{rel.quoted} r) s"
         for rel in relations
     )
-    return {oid: Content(cols or "", n, d) for oid, cols, n, d in conn.execute(sql.SQL(query))}
+    return {
+        oid: Content(cols or "", n, d, RowVersions(int(node), n, tuple(sorted(x or ()))))
+        for oid, cols, n, d, x, node in conn.execute(sql.SQL(query))
+    }
+
+
+def unchanged(
+    conn: psycopg.Connection[Any], recorded: Sequence[tuple[Leaf, RowVersions]]
+) -> set[int]:
+    """The leaves whose file, row count and row versions are as *recorded*."""
+    if not recorded:
+        return set()
+    query = " UNION ALL ".join(
+        f"SELECT {leaf.oid}::oid WHERE (SELECT relfilenode FROM pg_class WHERE oid = "
+        f"{leaf.oid}) = {v.filenode} AND (SELECT count(*) = {v.rows} AND NOT coalesce("
+        f"bool_or(NOT r.xmin = ANY('{{{','.join(v.xmins)}}}'::xid[])), false) "
+        f"FROM ONLY {leaf.quoted} r)"
+        for leaf, v in recorded
+    )
+    return {oid for (oid,) in conn.execute(sql.SQL(query))}
 
 
 class Expected(NamedTuple):

@@ -259,6 +259,43 @@ def recall_for_target(
     return load(str(digest))
 
 
+def _versions_file(target: database.Target, database_oid: int) -> Path:
+    where = f"{target.display}@{database_oid}"
+    return cache_dir() / f"versions-{hashlib.sha256(where.encode()).hexdigest()[:24]}.json"
+
+
+def recall_versions(
+    target: database.Target, database_oid: int, digest: str
+) -> dict[str, postgres.RowVersions]:
+    """The row versions of the target's seeded tables when a reset last found
+    them as the baseline *digest* has them."""
+    try:
+        data = json.loads(_versions_file(target, database_oid).read_text())
+        if data.get("baseline") != digest:
+            return {}
+        return {
+            key: postgres.RowVersions(int(v[0]), int(v[1]), tuple(str(x) for x in v[2]))
+            for key, v in data["tables"].items()
+        }
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return {}
+
+
+def remember_versions(
+    target: database.Target,
+    database_oid: int,
+    digest: str,
+    versions: Mapping[str, postgres.RowVersions],
+) -> None:
+    path = _versions_file(target, database_oid)
+    payload = {"baseline": digest, "tables": {k: list(v) for k, v in sorted(versions.items())}}
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(payload))
+        tmp.replace(path)
+
+
 # --------------------------------------------------------------------------- names
 
 
