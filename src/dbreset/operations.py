@@ -696,12 +696,22 @@ def _restore_locked(
     )
     work = decision.work
 
-    def remember() -> None:
-        """What the next reset may trust without reading every seeded row."""
+    def remember(xid: str | None = None) -> None:
+        """What the next reset may trust without reading every seeded row: the
+        tables found as the baseline has them, and those just put back (their
+        rows all written by this reset's transaction, *xid*)."""
         if not keep_versions or baseline is None or ctx.probe is None:
             return
-        restored = {r.leaf.key for r in work.restore}
+        restored = {r.leaf.key: r for r in work.restore}
         versions = {k: v for k, v in decision.versions.items() if k not in restored}
+        if restored and xid is not None:
+            with contextlib.suppress(psycopg.Error):
+                nodes = postgres.filenodes(conn, [r.leaf.oid for r in restored.values()])
+                for key, r in restored.items():
+                    if r.leaf.oid in nodes:
+                        versions[key] = postgres.RowVersions(
+                            nodes[r.leaf.oid], r.row_count, (str(int(xid) % 2**32),)
+                        )
         if versions != (recorded or {}):
             pristine.remember_versions(target, ctx.probe.database_oid, baseline.digest, versions)
 
@@ -818,7 +828,7 @@ def _restore_locked(
             + "; nothing was changed"
         ) from None
     ctx.journal.done(label)
-    remember()
+    remember(xid)
     return result()
 
 

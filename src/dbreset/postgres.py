@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from psycopg import sql
@@ -138,8 +138,7 @@ def quote(conn: psycopg.Connection[Any], schema: str, name: str) -> str:
     return sql.Identifier(schema, name).as_string(conn)
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     """What a truncation or a reset may touch, decided from the catalogs."""
 
     tables: tuple[Table, ...]
@@ -149,7 +148,7 @@ class Plan:
     #: sequences left alone because a table that is kept also draws from them
     kept_sequences: tuple[str, ...] = ()
     #: table oid → oids of the chosen tables that reference it
-    referenced_by: dict[int, frozenset[int]] = field(default_factory=dict)
+    referenced_by: Mapping[int, frozenset[int]] = MappingProxyType({})
     #: tables that reference themselves ON DELETE RESTRICT: kept out of the DELETE
     #: path to be safe, though PostgreSQL 15 and 18 delete all rows of one fine
     awkward_self_refs: frozenset[int] = frozenset()
@@ -707,6 +706,11 @@ def contents(
     }
 
 
+def filenodes(conn: psycopg.Connection[Any], oids: Sequence[int]) -> dict[int, int]:
+    rows = conn.execute("SELECT oid, relfilenode FROM pg_class WHERE oid = ANY(%s)", (list(oids),))
+    return {int(oid): int(node) for oid, node in rows}
+
+
 def unchanged(
     conn: psycopg.Connection[Any], recorded: Sequence[tuple[Leaf, RowVersions]]
 ) -> set[int]:
@@ -983,35 +987,48 @@ def quiet_inserts(
     return off, on
 
 
-@dataclass
 class Emptying:
-    """What one transaction does to put the tables back, and what it found doing it."""
+    """What one transaction does to put the tables back, and what it found doing it.
 
-    truncate: Sequence[Table] = ()
-    #: deleted from in this order (referencing tables first)
-    delete: Sequence[Table] = ()
-    #: baseline rows put back, in this order (referenced tables first)
-    restore: Sequence[Restore] = ()
-    #: statements around the restore that silence user triggers, and revive them
-    quiet: tuple[list[str], list[str]] = ([], [])
-    #: foreign keys are not checked (superuser: session_replication_role = replica)
-    replica: bool = False
-    #: sequences to set to their baseline
-    restart: Sequence[Sequence_] = ()
-    #: materialized views to refresh: (view, WITH DATA?)
-    matviews: Sequence[tuple[Matview, bool]] = ()
-    #: populated materialized views, when only the DELETEs tell whether any
-    #: table had rows: refreshed if one had, else those that are not empty
-    matviews_unless_clean: Sequence[Matview] = ()
-    #: sequences not called, as in the baseline (before PostgreSQL 18): set to
-    #: their baseline unread
-    put_back: Sequence[Sequence_] = ()
-    #: the baseline of each sequence (by ``schema.name``); default: its start
-    expected: Mapping[str, Expected] | None = None
-    #: after :meth:`run`: rows deleted, per table oid
-    deleted: dict[int, int] = field(default_factory=dict)
-    #: True once the message holding COMMIT has been sent
-    committing: bool = False
+    A plain class (a dataclass costs a millisecond to define at import)."""
+
+    def __init__(
+        self,
+        *,
+        truncate: Sequence[Table] = (),
+        delete: Sequence[Table] = (),
+        restore: Sequence[Restore] = (),
+        replica: bool = False,
+        restart: Sequence[Sequence_] = (),
+        put_back: Sequence[Sequence_] = (),
+        expected: Mapping[str, Expected] | None = None,
+        matviews: Sequence[tuple[Matview, bool]] = (),
+    ) -> None:
+        self.truncate = truncate
+        #: deleted from in this order (referencing tables first)
+        self.delete = delete
+        #: baseline rows put back, in this order (referenced tables first)
+        self.restore = restore
+        #: foreign keys are not checked (superuser: session_replication_role = replica)
+        self.replica = replica
+        #: sequences to set to their baseline
+        self.restart = restart
+        #: sequences not called, as in the baseline (before PostgreSQL 18): set
+        #: to their baseline unread
+        self.put_back = put_back
+        #: the baseline of each sequence (by ``schema.name``); default: its start
+        self.expected = expected
+        #: materialized views to refresh: (view, WITH DATA?)
+        self.matviews: Sequence[tuple[Matview, bool]] = matviews
+        #: populated materialized views, when only the DELETEs tell whether any
+        #: table had rows: refreshed if one had, else those that are not empty
+        self.matviews_unless_clean: Sequence[Matview] = ()
+        #: statements around the restore that silence user triggers, and revive them
+        self.quiet: tuple[list[str], list[str]] = ([], [])
+        #: after :meth:`run`: rows deleted, per table oid
+        self.deleted: dict[int, int] = {}
+        #: True once the message holding COMMIT has been sent
+        self.committing = False
 
     def _deletes(self) -> list[tuple[int, str]]:
         return [(t.oid, f"DELETE FROM {name}") for t in self.delete for name in t.names()]

@@ -26,9 +26,9 @@ import os
 import secrets
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from dbreset import database, postgres
@@ -69,15 +69,14 @@ class MatviewState(NamedTuple):
     digest: str = ""
 
 
-@dataclass(frozen=True)
-class Baseline:
+class Baseline(NamedTuple):
     """What a fresh migration leaves, relation by relation (keys ``schema.name``)."""
 
     fingerprint: str
     heads: tuple[str, ...]
-    tables: Mapping[str, SeededRows] = field(default_factory=dict)
-    sequences: Mapping[str, postgres.Expected] = field(default_factory=dict)
-    matviews: Mapping[str, MatviewState] = field(default_factory=dict)
+    tables: Mapping[str, SeededRows] = MappingProxyType({})
+    sequences: Mapping[str, postgres.Expected] = MappingProxyType({})
+    matviews: Mapping[str, MatviewState] = MappingProxyType({})
     #: where it was read: a pristine database, or the target migrated from empty
     source: str = ""
 

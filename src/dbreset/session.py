@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -84,12 +83,11 @@ def reset_and_guard(
 # --------------------------------------------------------------------------- worker databases
 
 
-@dataclass(frozen=True)
-class WorkerDatabase:
+class WorkerDatabase(NamedTuple):
     worker: str
     database: str
     #: with the password: the worker connects with it
-    url: str = field(repr=False)
+    url: str
     #: "reset" (in place), "cloned" (new, or made from other migrations)
     how: str
     #: what the reset found (None for a clone)
@@ -97,15 +95,20 @@ class WorkerDatabase:
     elapsed_ms: float
     snapshot: CanarySnapshot | None = None
 
+    def __repr__(self) -> str:  # never the password
+        return f"WorkerDatabase({self.worker!r}, {self.database!r}, how={self.how!r})"
 
-@dataclass(frozen=True)
-class WorkersResult:
+
+class WorkersResult(NamedTuple):
     target: str
     workers: tuple[WorkerDatabase, ...]
     pristine_db: str
     pristine_built: bool
-    baseline: pristine.Baseline = field(repr=False)
+    baseline: pristine.Baseline
     elapsed_ms: float = 0.0
+
+    def __repr__(self) -> str:
+        return f"WorkersResult({self.target!r}, {self.workers!r}, {self.pristine_db!r})"
 
 
 def prepare_workers(
@@ -164,6 +167,8 @@ def prepare_workers(
                 else:
                     to_clone.append(worker)
             prepared: dict[str, WorkerDatabase] = {}
+            from concurrent.futures import ThreadPoolExecutor
+
             with ThreadPoolExecutor(max_workers=max(1, min(4, len(workers)))) as pool:
                 jobs = {
                     worker: pool.submit(
@@ -255,6 +260,8 @@ def _clone_workers(
             )
             pristine.clone(admin, source=made.name, name=name, mark=mark)
         return operations._ms(start)
+
+    from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=max(1, min(4, len(workers)))) as pool:
         return dict(zip(workers, pool.map(one, workers), strict=True))
@@ -527,8 +534,7 @@ class Canary:
 # --------------------------------------------------------------------------- per-test cleaning
 
 
-@dataclass(frozen=True)
-class CleanResult:
+class CleanResult(NamedTuple):
     """What one per-test clean found and put back."""
 
     tables: tuple[str, ...] = ()

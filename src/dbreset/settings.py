@@ -143,6 +143,18 @@ def load_pyproject(path: Path) -> dict[str, Any]:
     raw = path.read_bytes()
     if b"dbreset" not in raw:
         return {}
+    known = _PARSED.get(str(path))
+    if known is not None and known[0] == raw:  # the plugin resolves twice a run
+        return dict(known[1])
+    section = _parse_pyproject(path, raw)
+    _PARSED[str(path)] = (raw, section)
+    return dict(section)
+
+
+_PARSED: dict[str, tuple[bytes, dict[str, Any]]] = {}
+
+
+def _parse_pyproject(path: Path, raw: bytes) -> dict[str, Any]:
     import tomllib
 
     try:
