@@ -13,7 +13,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +34,13 @@ from dbreset.redact import first_line, printable
 if TYPE_CHECKING:
     import psycopg
 
+    from dbreset.reports import (
+        DropResult,
+        ListResult,
+        MarkResult,
+        Setting,
+        StatusResult,
+    )
     from dbreset.settings import Settings
 
 
@@ -127,74 +134,18 @@ class ResetResult(Result):
     elapsed_ms: float = 0.0
 
 
-@dataclass(frozen=True)
-class Setting:
-    value: Any
-    source: str
+#: Results of the housekeeping verbs (status, list, drop, mark), defined in
+#: :mod:`dbreset.reports` and loaded when first used: a reset has no need of them,
+#: and each dataclass costs about half a millisecond to define.
+_REPORTS = ("Setting", "StatusResult", "MadeDatabase", "ListResult", "DropResult", "MarkResult")
 
 
-@dataclass(frozen=True)
-class StatusResult(Result):
-    target: str
-    server_version: str
-    database: str
-    current: tuple[str, ...]
-    heads: tuple[str, ...]
-    at_head: bool
-    nonempty: tuple[TableRows, ...]
-    tables_checked: int
-    holders: tuple[str, ...]
-    settings: dict[str, Setting] = field(default_factory=dict)
-    problem: str | None = None
-    #: revisions recorded in the database that these migrations do not know
-    unknown_revisions: tuple[str, ...] = ()
-    #: why the guard accepts it as a test database (name, mark, allowed_databases)
-    test_database: str | None = None
-    #: seeded tables whose rows are not as a fresh migration leaves them
-    seeded_changed: tuple[str, ...] = ()
-    #: where the freshly migrated state is known from (None: not known yet)
-    baseline: str | None = None
+def __getattr__(name: str) -> Any:
+    if name in _REPORTS:
+        from dbreset import reports
 
-
-@dataclass(frozen=True)
-class MadeDatabase:
-    name: str
-    #: pristine, worker, created, marked, building
-    kind: str
-    size_bytes: int | None
-    fingerprint: str | None
-    revision: tuple[str, ...]
-    #: made from the current migrations (pristine, worker); None where it does not apply
-    current: bool | None
-    made: str | None
-    last_used: str | None
-    connections: int
-    branch: str | None = None
-    #: why ``drop --stale`` would drop it, if it would
-    stale: str | None = None
-
-
-@dataclass(frozen=True)
-class ListResult(Result):
-    target: str
-    fingerprint: str | None
-    databases: tuple[MadeDatabase, ...]
-
-
-@dataclass(frozen=True)
-class DropResult(Result):
-    target: str
-    dropped: tuple[str, ...]
-    #: databases left, and why (in use, not stale)
-    kept: tuple[str, ...] = ()
-    dry_run: bool = False
-
-
-@dataclass(frozen=True)
-class MarkResult(Result):
-    target: str
-    database: str
-    already: bool
+        return getattr(reports, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _ms(start: float) -> float:
@@ -1095,6 +1046,8 @@ def _recreate(ctx: _Context, start: float) -> ResetResult:
 
 
 def _typed_settings(settings: Settings) -> dict[str, Setting]:
+    from dbreset.reports import Setting
+
     def value(key: str) -> Any:
         raw = getattr(settings, key)
         if key in ("url", "url_template"):
@@ -1126,6 +1079,8 @@ def _typed_settings(settings: Settings) -> dict[str, Setting]:
 
 def status(settings: Settings) -> StatusResult:
     """Where the database stands: revision, leftover rows, who holds it, settings."""
+    from dbreset.reports import StatusResult
+
     with _journal() as journal:
         target = _target(settings)
         project = _project(settings, required=False)
@@ -1274,6 +1229,8 @@ def _family_context(settings: Settings, journal: Journal) -> _Context:
 def list_databases(settings: Settings) -> ListResult:
     """Every database dbreset made on the server for this target: pristine and
     worker databases (and other branches' when the URL has ``{branch}``)."""
+    from dbreset.reports import ListResult, MadeDatabase
+
     with _journal() as journal:
         ctx = _family_context(settings, journal)
         target = ctx.target
@@ -1309,6 +1266,8 @@ def drop(
     """Drop databases dbreset made for this target: the ``stale`` ones (other
     migrations, gone branches, abandoned builds) or ``every`` one. Never the
     target, never a database without dbreset's mark."""
+    from dbreset.reports import DropResult
+
     if stale == every:
         raise ConfigError("say which databases to drop: --stale or --all")
     with _journal() as journal:
@@ -1355,6 +1314,8 @@ def mark(settings: Settings) -> MarkResult:
     """Declare the target a test database: dbreset's mark in its comment (the
     user's own comment is kept)."""
     import psycopg
+
+    from dbreset.reports import MarkResult
 
     with _journal() as journal:
         target = _target(settings)

@@ -26,16 +26,13 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from dbreset.operations import (
-        DropResult,
-        ListResult,
-        MarkResult,
         MigrateResult,
         ResetResult,
         Result,
-        StatusResult,
         TableRows,
         TruncateResult,
     )
+    from dbreset.reports import DropResult, ListResult, MarkResult, StatusResult
 
 
 # rich takes ~25 ms to import: it is imported when something is printed through it.
@@ -114,15 +111,8 @@ def progress(label: str) -> Iterator[None]:
 
 
 def result(res: Result, *, as_json_output: bool, quiet: bool) -> None:
-    from dbreset.operations import (
-        DropResult,
-        ListResult,
-        MarkResult,
-        MigrateResult,
-        ResetResult,
-        StatusResult,
-        TruncateResult,
-    )
+    from dbreset.operations import MigrateResult, ResetResult, TruncateResult
+    from dbreset.reports import DropResult, ListResult, MarkResult, StatusResult
 
     if as_json_output:
         as_json({"ok": True, **res.to_dict()})
