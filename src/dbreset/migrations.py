@@ -10,6 +10,7 @@ is pending (or the cache is cold) is Alembic imported and the user's own
 from __future__ import annotations
 
 import configparser
+import functools
 import hashlib
 import json
 import logging
@@ -113,6 +114,12 @@ def load_project(config_path: Path) -> Project:
 def _cache_dir() -> Path:
     """The user's cache directory: ``$XDG_CACHE_HOME/dbreset`` (absolute paths only,
     as the XDG spec says), else ``~/.cache/dbreset`` on Linux, the platform's own elsewhere."""
+    return _user_cache_dir(os.environ.get("XDG_CACHE_HOME"), os.environ.get("HOME"))
+
+
+@functools.cache
+def _user_cache_dir(xdg: str | None, home: str | None) -> Path:
+    """Asked once per process (and environment): a reset reads several caches."""
     import platformdirs  # ~2.5 ms, so only when a cache is read or written
 
     return Path(platformdirs.user_cache_dir("dbreset", appauthor=False))

@@ -121,7 +121,7 @@ def scrub(text: str, url: str | None) -> str:
 def printable(text: str) -> str:
     """*text* with control characters (newlines, ANSI escapes, ...) written as
     ``\\n``, ``\\x1b``: names come from the database and reach a terminal."""
-    if not _CONTROL.search(text):
+    if text.isprintable() or not _CONTROL.search(text):
         return text
     named = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
     return _CONTROL.sub(lambda m: named.get(m.group(), f"\\x{ord(m.group()):02x}"), text)

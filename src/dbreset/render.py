@@ -112,7 +112,6 @@ def progress(label: str) -> Iterator[None]:
 
 def result(res: Result, *, as_json_output: bool, quiet: bool) -> None:
     from dbreset.operations import MigrateResult, ResetResult, TruncateResult
-    from dbreset.reports import DropResult, ListResult, MarkResult, StatusResult
 
     if as_json_output:
         as_json({"ok": True, **res.to_dict()})
@@ -120,16 +119,21 @@ def result(res: Result, *, as_json_output: bool, quiet: bool) -> None:
     if isinstance(res, ResetResult):
         _reset(res, quiet)
         _warnings(res.warnings)
-    elif isinstance(res, TruncateResult):
+        return
+    if isinstance(res, TruncateResult):
         _header("truncate", res.target, res.elapsed_ms, res.dry_run)
         if not quiet:
             _truncate(res)
         _warnings(res.warnings)
-    elif isinstance(res, MigrateResult):
+        return
+    if isinstance(res, MigrateResult):
         _header("migrate", res.target, res.elapsed_ms, res.dry_run)
         if not quiet:
             _migrate(res)
-    elif isinstance(res, StatusResult):
+        return
+    from dbreset.reports import DropResult, ListResult, MarkResult, StatusResult
+
+    if isinstance(res, StatusResult):
         _status(res, quiet)
     elif isinstance(res, ListResult):
         _list(res, quiet)
