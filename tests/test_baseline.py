@@ -386,7 +386,7 @@ def test_seeded_tables_found_unchanged_are_trusted_by_their_row_versions(
     expected = snapshot(url)
     changes = [
         "UPDATE role SET name = 'boss' WHERE id = 1",
-        "DELETE FROM \"refData\".\"Currency\" WHERE code = 'JPY'",
+        'DELETE FROM "refData"."Currency" WHERE code = \'JPY\'',
         "INSERT INTO status (code, label) VALUES ('new', 'New')",
     ]
     for change in changes:

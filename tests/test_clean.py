@@ -356,7 +356,7 @@ def test_the_cleaners_own_truncate_does_not_fire_the_canary(
     assert "reset/truncated/rebuilt" not in text
 
 
-# --------------------------------------------------------------------------- the cheap check, in process
+# ---------------------------------------------------------------- the cheap check, in process
 
 
 def test_nothing_written_since_the_last_check_is_trusted_but_a_bare_nextval_is_seen(
