@@ -261,7 +261,8 @@ def markdown(s: dict[str, Any]) -> list[str]:
             f"A reset that restores nothing, seeded schema against the same tables without "
             f"seeded ones: {check['process_ms']:+.0f} ms whole process, "
             f"{check['inside_ms']:+.1f} ms inside ({per:.2f} ms per 1,000 seeded rows: "
-            "every reset reads each seeded table to compare it with its baseline)."
+            "every reset scans each seeded table: its row versions, or, when they changed, "
+            "its rows, against the baseline)."
         )
     first = s.get("first_reset") or {}
     if first:
