@@ -919,7 +919,8 @@ def _cleaner(config: pytest.Config) -> Cleaner | None:
         from dbreset.session import Cleaner
 
         settings = replace(state.settings, url=state.clean_url)
-        if state.guards and not hasattr(config, "workerinput"):
+        owned = not (state.guards and not hasattr(config, "workerinput"))
+        if not owned:
             conn = state.guards[0].conn  # a plain run: the session's own connection
         else:
             target = database.make_target(state.clean_url)
@@ -930,6 +931,7 @@ def _cleaner(config: pytest.Config) -> Cleaner | None:
             state.baseline,
             version_table=state.version_table,
             canary=state.canary,
+            owned=owned,
         )
         state.cleaner.prepare()
     return state.cleaner

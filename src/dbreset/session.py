@@ -570,8 +570,11 @@ class Cleaner:
         *,
         version_table: tuple[str, str],
         canary: Canary | None = None,
+        owned: bool = False,
     ) -> None:
         self.conn = conn
+        #: the connection is the cleaner's own (a worker's), closed with it
+        self.owned = owned
         self.settings = settings
         self.baseline = baseline
         self.version_table = version_table
@@ -846,17 +849,8 @@ class Cleaner:
         )
 
     def close(self) -> None:
-        pass
-
-
-def baseline_from_dict(data: str | None) -> pristine.Baseline | None:
-    return pristine.Baseline.from_json(data) if data else None
-
-
-def worker_clean_settings(settings: Settings, url: str) -> Settings:
-    from dataclasses import replace
-
-    return replace(settings, url=url)
+        if self.owned and not self.conn.closed:
+            self.conn.close()
 
 
 __all__ = [
