@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 import dbreset
-from conftest import copy_project, with_dbname
+from conftest import copy_project, dbname_of, with_dbname
 from dbreset import operations, session
 from dbreset.errors import BusyError, ConnectError, MigrationError, SafetyError, TruncateError
 from dbreset.settings import Settings, resolve_settings
@@ -435,7 +435,7 @@ def test_unknown_role_is_a_connect_error(isolated: Path, server_url: str) -> Non
 def test_permission_denied_is_exit_7(
     isolated: Path, db_url: str, admin: psycopg.Connection
 ) -> None:
-    role = "dbreset_test_reader_" + db_url.rsplit("_", 1)[-1][:8]
+    role = "dbreset_test_reader_" + dbname_of(db_url).rsplit("_", 1)[-1][:8]
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute("CREATE TABLE owned (id serial, v text)")
         conn.execute("INSERT INTO owned (v) VALUES ('x')")
@@ -456,7 +456,7 @@ def test_permission_denied_is_exit_7(
 def test_non_owner_with_privileges_restarts_sequences(
     isolated: Path, db_url: str, admin: psycopg.Connection
 ) -> None:
-    role = "dbreset_test_writer_" + db_url.rsplit("_", 1)[-1][:8]
+    role = "dbreset_test_writer_" + dbname_of(db_url).rsplit("_", 1)[-1][:8]
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute("CREATE TABLE owned (id serial, v text)")
         conn.execute("INSERT INTO owned (v) VALUES ('x'), ('y')")
@@ -602,7 +602,7 @@ def test_cycles_triggers_rules_and_many_rows_are_truncated(isolated: Path, db_ur
 def test_rows_hidden_by_row_security_are_still_emptied(
     isolated: Path, db_url: str, admin: psycopg.Connection
 ) -> None:
-    role = "dbreset_test_owner_" + db_url.rsplit("_", 1)[-1][:8]
+    role = "dbreset_test_owner_" + dbname_of(db_url).rsplit("_", 1)[-1][:8]
     admin.execute(f'CREATE ROLE "{role}" LOGIN')
     try:
         with psycopg.connect(db_url, autocommit=True) as conn:
@@ -663,7 +663,7 @@ def test_delete_path_as_a_plain_owner_keeps_foreign_key_checks(
 ) -> None:
     """A superuser deletes in replica mode; anyone else with foreign-key checks on,
     children first: both must end empty."""
-    role = "dbreset_test_plain_" + db_url.rsplit("_", 1)[-1][:8]
+    role = "dbreset_test_plain_" + dbname_of(db_url).rsplit("_", 1)[-1][:8]
     admin.execute(f'CREATE ROLE "{role}" LOGIN')
     try:
         with psycopg.connect(db_url, autocommit=True) as conn:
