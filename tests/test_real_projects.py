@@ -149,6 +149,31 @@ def test_every_branch_gets_its_own_database(
             drop_family(admin, name)
 
 
+@pytest.mark.parametrize(
+    ("written", "expected"),
+    [
+        (
+            "postgresql:///app_test_{branch}?host=/run/pg",
+            "postgresql:///app_test_main?host=/run/pg",
+        ),
+        (
+            "postgresql+psycopg://u:p%40ss@db.local:5433/app_test_{branch}?sslmode=disable",
+            "postgresql+psycopg://u:p%40ss@db.local:5433/app_test_main?sslmode=disable",
+        ),
+    ],
+    ids=["no-host-part", "driver-password-port"],
+)
+def test_a_branch_url_keeps_all_but_the_database_name(
+    checkout: Path, written: str, expected: str
+) -> None:
+    from dbreset.database import conninfo_params
+    from dbreset.settings import resolve_settings
+
+    settings = resolve_settings({"url": written}, env={}, cwd=checkout)
+    assert settings.url == expected
+    assert conninfo_params(expected)["dbname"] == "app_test_main"
+
+
 def test_a_branch_placeholder_outside_a_checkout_is_a_clear_error(
     isolated: Path, server_url: str
 ) -> None:

@@ -239,7 +239,7 @@ def hostless(url: str) -> str:
 def test_a_worker_url_is_the_users_url_with_the_workers_database(url: str, expected: str) -> None:
     from psycopg.conninfo import conninfo_to_dict
 
-    from dbreset.pristine import with_dbname
+    from dbreset.database import with_dbname
 
     worker = with_dbname(url, "app_test_gw0")
     assert worker == expected

@@ -209,6 +209,24 @@ def make_target(url: str) -> Target:
     return Target(url=url, params=conninfo_params(url))
 
 
+def with_dbname(url: str, dbname: str) -> str:
+    """*url* pointed at another database of the same server (driver kept).
+
+    Built by hand: ``urlunsplit`` drops the ``//`` of a URL without a host part
+    (``postgresql:///db?host=/socket``), which libpq and SQLAlchemy then cannot
+    parse. A ``dbname`` query parameter (libpq prefers it to the path) is
+    dropped, or it would keep the old name."""
+    from urllib.parse import quote
+
+    parts = urlsplit(url)
+    query = parts.query
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(key == "dbname" for key, _ in pairs):
+        query = urlencode([(key, value) for key, value in pairs if key != "dbname"], safe="/")
+    out = f"{parts.scheme}://{parts.netloc}/{quote(dbname, safe='')}"
+    return out + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
+
+
 def is_local_host(host: str) -> bool:
     if host == "(default socket)" or host.startswith(("/", "@")):
         return True  # a Unix socket (directory or abstract namespace)

@@ -846,7 +846,7 @@ def _find_baseline(ctx: _Context, *, dry_run: bool) -> _Baseline:
     own = database.parse_mark(ctx.probe.comment)
     if own is not None and own.kind == "worker" and own.target:
         # a worker database reset on its own: its target's pristine database
-        owner = database.make_target(pristine.with_dbname(ctx.target.url, own.target))
+        owner = database.make_target(database.with_dbname(ctx.target.url, own.target))
         known = (None, None)
     mark = database.parse_mark(known[1])
     if dry_run:

@@ -556,7 +556,7 @@ def _build(
         ) from None
     try:
         set_mark(conn, building, Mark("building", target=target.dbname, made=database.now_iso()))
-        url = _with_dbname(target.url, building)
+        url = database.with_dbname(target.url, building)
         outcome = migrations.upgrade_checked(project, url, settings, expect=building)
         with database.connect(target, settings, role="pristine", dbname=building) as source:
             heads = migrations.database_heads(source, outcome.version_table)
@@ -626,27 +626,6 @@ def _drop_older(conn: psycopg.Connection[Any], target_db: str, fingerprint: str)
         if mark.kind == "pristine" and mark.target == target_db and mark.fingerprint != fingerprint:
             with contextlib.suppress(DbResetError):
                 drop_database(conn, made.name, template=True)
-
-
-def _with_dbname(url: str, dbname: str) -> str:
-    """*url* with the database *dbname*. Built by hand: ``urlunsplit`` drops the
-    ``//`` of a URL without a host part (``postgresql:///db?host=/socket``),
-    which libpq and SQLAlchemy then cannot parse. A ``dbname`` query parameter
-    (libpq prefers it to the path) is dropped, or it would keep the old name."""
-    from urllib.parse import parse_qsl, quote, urlencode, urlsplit
-
-    parts = urlsplit(url)
-    query = parts.query
-    pairs = parse_qsl(query, keep_blank_values=True)
-    if any(key == "dbname" for key, _ in pairs):
-        query = urlencode([(key, value) for key, value in pairs if key != "dbname"], safe="/")
-    out = f"{parts.scheme}://{parts.netloc}/{quote(dbname, safe='')}"
-    return out + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
-
-
-def with_dbname(url: str, dbname: str) -> str:
-    """*url* pointed at another database of the same server (driver kept)."""
-    return _with_dbname(url, dbname)
 
 
 def no_pristine_note(target: database.Target, why: str) -> str:

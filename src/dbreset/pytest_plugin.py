@@ -690,11 +690,10 @@ def _start_embedded(config: pytest.Config, state: _State, settings: Settings) ->
     how = "reused the running server" if server.reused else "started"
     ms = (time.perf_counter() - start) * 1000
     state.header.append(f"dbreset: embedded PostgreSQL on {server.data_dir}, {how} in {ms:.0f} ms")
-    name = re.sub(r"[^a-z0-9_]+", "_", config.rootpath.name.lower()).strip("_") or "dbreset"
-    from urllib.parse import urlsplit, urlunsplit
+    from dbreset.database import with_dbname
 
-    parts = urlsplit(url)
-    url = urlunsplit((parts.scheme, parts.netloc, f"/{name[:50]}_test", parts.query, ""))
+    name = re.sub(r"[^a-z0-9_]+", "_", config.rootpath.name.lower()).strip("_") or "dbreset"
+    url = with_dbname(url, f"{name[:50]}_test")
     state.embedded_url = url
     embedded = replace(settings, url=url, sources={**settings.sources, "url": "embedded server"})
     _export_all(state, embedded)  # before any conftest; workers inherit it

@@ -275,7 +275,7 @@ def _hold_worker(
     elapsed: float,
     canary_schemas: tuple[str, ...] | None,
 ) -> tuple[WorkerDatabase, SessionGuard]:
-    url = pristine.with_dbname(target.url, name)
+    url = database.with_dbname(target.url, name)
     worker_target = database.make_target(url)
     conn = database.connect(worker_target, settings, role="pytest session")
     try:
@@ -304,7 +304,7 @@ def _reset_worker(
     from dataclasses import replace
 
     start = time.perf_counter()
-    url = pristine.with_dbname(target.url, name)
+    url = database.with_dbname(target.url, name)
     worker_settings = replace(settings, url=url)
     worker_target = database.make_target(url)
     journal = operations.Journal()

@@ -282,9 +282,9 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 def _resolve_placeholders(url: str, *, cwd: Path, source: str) -> dict[str, Any]:
     """``{branch}``/``{worktree}`` in the URL's database name, resolved from git."""
-    from urllib.parse import quote, unquote, urlsplit, urlunsplit
+    from urllib.parse import unquote, urlsplit
 
-    from dbreset import gitinfo
+    from dbreset import database, gitinfo
 
     parts = urlsplit(url)
     template = unquote(parts.path.lstrip("/"))
@@ -295,7 +295,7 @@ def _resolve_placeholders(url: str, *, cwd: Path, source: str) -> dict[str, Any]
     except ConfigError as exc:
         raise ConfigError(f"{exc} (the URL comes from {source})") from None
     return {
-        "url": urlunsplit(parts._replace(path="/" + quote(resolved.name, safe=""))),
+        "url": database.with_dbname(url, resolved.name),
         "url_template": url,
         "branch": resolved.branch,
         "worktree": resolved.worktree,
