@@ -462,7 +462,7 @@ class _Decision:
         self.work = postgres.Emptying()
         self.restored: list[Restored] = []
         #: tables with seeded rows: reported as restored, not as emptied
-        self.holding: set[int] = set()
+        self.holding: frozenset[int] = frozenset()
         #: row versions of the seeded tables found as the baseline has them
         self.versions: dict[str, postgres.RowVersions] = {}
 
@@ -513,7 +513,7 @@ def _decide(
             changed_leaves.add(leaf.oid)
         elif now.versions is not None:
             decision.versions[leaf.key] = now.versions
-    holding = {t.oid for t in plan.tables if any(leaf.key in seeded for leaf in t.leaves)}
+    holding = plan.holding(seeded)
     small = {
         t.oid
         for t in plan.tables
@@ -545,14 +545,11 @@ def _decide(
     emptied = {t.oid for t in (*truncated, *deleted)}
     # small tables that end up truncated after all: count them for the report
     counts.update(postgres.row_counts(conn, [t for t in truncated if t.oid in presumed]))
-    by_oid = {t.oid: t for t in plan.tables}
     restores: list[postgres.Restore] = []
-    for oid in plan.insert_order(emptied & holding):
-        for leaf in by_oid[oid].leaves:
-            if leaf.key in seeded:
-                base = seeded[leaf.key]
-                restores.append(postgres.Restore(leaf, base.writable, base.rows, base.row_count))
-                decision.restored.append(Restored(leaf.qualified, base.row_count))
+    for leaf in plan.refill_order(emptied, seeded):
+        base = seeded[leaf.key]
+        restores.append(postgres.Restore(leaf, base.writable, base.rows, base.row_count))
+        decision.restored.append(Restored(leaf.qualified, base.row_count))
     put_back: list[postgres.Sequence_] = []
     if not read_sequences and not dry_run:
         restart, put_back = set(), list(plan.sequences)
@@ -611,6 +608,19 @@ def _stale_matviews(
     return stale
 
 
+def _plan(
+    conn: psycopg.Connection[Any], ctx: _Context, *, missing_ok: bool = False
+) -> postgres.Plan:
+    """What a reset of this target may touch, from the catalogs."""
+    return postgres.plan_truncate(
+        conn,
+        schemas=ctx.settings.schemas,
+        exclude=_excludes(ctx.settings),
+        version_table=ctx.version_table,
+        missing_ok=missing_ok,
+    )
+
+
 def _restore_locked(
     conn: psycopg.Connection[Any],
     ctx: _Context,
@@ -620,20 +630,17 @@ def _restore_locked(
     warnings: Sequence[str] = (),
     pending: bool = False,
     read_sequences: bool = True,
+    plan: postgres.Plan | None = None,
 ) -> TruncateResult:
     """Put every chosen table and sequence where *baseline* has it (without one:
-    empty, at its start), in one transaction, locking only what changes."""
+    empty, at its start), in one transaction, locking only what changes. The
+    *plan* is made here unless the caller has made it."""
     import psycopg
 
     start = time.perf_counter()
     settings, target = ctx.settings, ctx.target
-    plan = postgres.plan_truncate(
-        conn,
-        schemas=settings.schemas,
-        exclude=_excludes(settings),
-        version_table=ctx.version_table,
-        missing_ok=pending,  # a dry run before migrations that make the schema
-    )
+    if plan is None:
+        plan = _plan(conn, ctx, missing_ok=pending)  # a dry run before the schema exists
     all_warnings = [*warnings]
     all_warnings += [f"{label} matched no table" for label in plan.unmatched_excludes]
     keep_versions = baseline is not None and ctx.probe is not None and ctx.probe.database_oid

@@ -12,7 +12,7 @@ whole only when every leaf is emptied.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from fnmatch import fnmatchcase
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -234,6 +234,21 @@ class Plan(NamedTuple):
             truncate |= self._in_cycles(deletable)
         by_oid = {t.oid: t for t in self.tables}
         return self._by_oid(truncate), [by_oid[o] for o in order]
+
+    def holding(self, seeded: Container[str]) -> frozenset[int]:
+        """The tables with a leaf whose rows a reset keeps (*seeded*: leaf keys)."""
+        return frozenset(t.oid for t in self.tables if any(leaf.key in seeded for leaf in t.leaves))
+
+    def refill_order(self, emptied: set[int], seeded: Container[str]) -> list[Leaf]:
+        """The seeded leaves of the *emptied* tables, in the order their rows go
+        back: referenced tables first (see :meth:`insert_order`)."""
+        by_oid = {t.oid: t for t in self.tables}
+        return [
+            leaf
+            for oid in self.insert_order(emptied & self.holding(seeded))
+            for leaf in by_oid[oid].leaves
+            if leaf.key in seeded
+        ]
 
     def insert_order(self, oids: set[int]) -> list[int]:
         """Referenced tables before the tables that reference them (the reverse of

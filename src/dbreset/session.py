@@ -401,11 +401,6 @@ class CanarySnapshot:
         )
 
 
-def _oid_array(oids: list[int]) -> str:
-    """An ``oid[]`` literal: one string parameter adapts faster than a list."""
-    return "{" + ",".join(str(oid) for oid in oids) + "}"
-
-
 def _canary_state(conn: psycopg.Connection[Any], oids: str) -> tuple[int, str]:
     row = conn.execute(postgres.CANARY_CHECK_SQL, {"oids": oids}, prepare=True).fetchone()
     assert row is not None
@@ -431,7 +426,7 @@ def canary_snapshot(
 def canary_changes(conn: psycopg.Connection[Any], snapshot: CanarySnapshot) -> dict[str, list[str]]:
     """What happened to the relations of *snapshot* that are not as they were:
     ``{"dropped": [names], "truncated or rewritten": [names], ...}``."""
-    oids = _oid_array([r.oid for r in snapshot.relations])
+    oids = postgres.oid_array([r.oid for r in snapshot.relations])
     rows = conn.execute(postgres.CANARY_CURRENT_SQL, {"oids": oids}).fetchall()
     now = {int(oid): int(filenode) for oid, filenode in rows}
     changes: dict[str, list[str]] = {}
@@ -468,7 +463,7 @@ class Canary:
         self.snapshot = snapshot
         self._conn = conn
         self._owned = conn is None
-        self._oids = _oid_array([r.oid for r in snapshot.relations])
+        self._oids = postgres.oid_array([r.oid for r in snapshot.relations])
         self._expected = (snapshot.database_oid, snapshot.digest)
         self._lost: str | None = None
 
@@ -490,7 +485,7 @@ class Canary:
         if not ours:
             return
         rows = conn.execute(
-            postgres.CANARY_CURRENT_SQL, {"oids": _oid_array([r.oid for r in ours])}
+            postgres.CANARY_CURRENT_SQL, {"oids": postgres.oid_array([r.oid for r in ours])}
         ).fetchall()
         now = {int(oid): int(node) for oid, node in rows}
         relations = tuple(
@@ -580,12 +575,18 @@ class Cleaner:
         self.version_table = version_table
         self.canary = canary
         self.target = database.make_target(settings.require_url())
+        #: the freshly migrated state, by ``schema.name`` (empty without a baseline)
+        self._seeded = baseline.tables if baseline is not None else {}
+        self._sequences = baseline.sequences if baseline is not None else {}
+        self._views = baseline.matviews if baseline is not None else {}
         self._plan: postgres.Plan | None = None
         self._query = ""
         #: (kind, object) of each check, in the statement's order
         self._checks: list[tuple[str, Any]] = []
         #: seeded leaves and populated matviews: transaction ids of their rows
         self._xmins: dict[int, set[str]] = {}
+        #: the check's parameters: :attr:`_xmins` as ``xid[]`` literals
+        self._params: dict[str, str] = {}
         #: the server's WAL position when a full check last found nothing changed
         self._lsn: str | None = None
         self._wal_ok = False
@@ -602,12 +603,9 @@ class Cleaner:
         wait_ms = max(1, int(self.settings.wait * 1000))
         self.conn.execute(f"SET lock_timeout = {wait_ms}")
         self.conn.execute("SET plan_cache_mode = force_generic_plan")
-        result = operations._restore_locked(self.conn, ctx, self.baseline, dry_run=False)
-        self._plan = postgres.plan_truncate(
-            self.conn,
-            schemas=self.settings.schemas,
-            exclude=operations._excludes(self.settings),
-            version_table=self.version_table,
+        self._plan = operations._plan(self.conn, ctx)
+        result = operations._restore_locked(
+            self.conn, ctx, self.baseline, dry_run=False, plan=self._plan
         )
         self._build()
         self._watch_wal()
@@ -628,11 +626,7 @@ class Cleaner:
         row = self.conn.execute(postgres.WAL_WATCH_SQL, {"oids": oids}).fetchone()
         self._wal_ok = bool(row and row[0])
         if self._wal_ok and plan.sequences:
-            called = [
-                s
-                for s in plan.sequences
-                if postgres._expected(s, self._expected_sequences()).is_called
-            ]
+            called = [s for s in plan.sequences if postgres._expected(s, self._sequences).is_called]
             if called:
                 self.conn.execute(
                     "SELECT count(setval(s, pg_sequence_last_value(s), true)) "
@@ -641,17 +635,10 @@ class Cleaner:
                 )
         self._lsn = None
 
-    def _expected_sequences(self) -> dict[str, postgres.Expected]:
-        return dict(self.baseline.sequences) if self.baseline is not None else {}
-
-    def _seeded(self) -> dict[str, pristine.SeededRows]:
-        return dict(self.baseline.tables) if self.baseline is not None else {}
-
     def _build(self) -> None:
         plan = self._plan
         assert plan is not None
-        seeded = self._seeded()
-        views = self.baseline.matviews if self.baseline is not None else {}
+        seeded, views = self._seeded, self._views
         checks: list[tuple[str, Any]] = []
         parts: list[str] = []
         rows_known: list[int] = []
@@ -669,9 +656,8 @@ class Cleaner:
             if conds:
                 checks.append(("table", table))
                 parts.append(" OR ".join(conds))
-        expected = self.baseline.sequences if self.baseline is not None else {}
         for seq in plan.sequences:
-            want = postgres._expected(seq, expected)
+            want = postgres._expected(seq, self._sequences)
             checks.append(("sequence", seq))
             parts.append(
                 f"(SELECT (last_value, is_called) FROM {seq.quoted}) IS DISTINCT FROM "
@@ -707,6 +693,7 @@ class Cleaner:
             )
             for oid, xmins in self.conn.execute(query):
                 self._xmins[int(oid)] = set(xmins)
+        self._xmins_changed()
 
     def _known_relations(self, oids: list[int]) -> list[tuple[int, str, str]]:
         assert self._plan is not None
@@ -717,8 +704,10 @@ class Cleaner:
         out += [(v.oid, "matview", v.quoted) for v in self._plan.matviews if v.oid in wanted]
         return out
 
-    def _params(self) -> dict[str, str]:
-        return {f"x{oid}": "{" + ",".join(sorted(xs)) + "}" for oid, xs in self._xmins.items()}
+    def _xmins_changed(self) -> None:
+        self._params = {
+            f"x{oid}": "{" + ",".join(sorted(xs)) + "}" for oid, xs in self._xmins.items()
+        }
 
     def clean(self) -> CleanResult:
         """Put back what the last test changed; one cheap query when nothing."""
@@ -746,7 +735,7 @@ class Cleaner:
             if lsn is not None and lsn == self._lsn:
                 return CleanResult(elapsed_ms=operations._ms(start))
         try:
-            row = self.conn.execute(self._query, self._params(), prepare=True).fetchone()
+            row = self.conn.execute(self._query, self._params, prepare=True).fetchone()
         except psycopg.errors.LockNotAvailable:
             assert self._plan is not None
             raise self._busy(list(self._plan.tables)) from None
@@ -772,11 +761,11 @@ class Cleaner:
 
         plan = self._plan
         assert plan is not None
-        seeded = self._seeded()
+        seeded = self._seeded
         tables = [obj for kind, obj in dirty if kind == "table"]
         sequences = [obj for kind, obj in dirty if kind == "sequence"]
         views = [obj for kind, obj in dirty if kind == "matview"]
-        holding = {t.oid for t in plan.tables if any(leaf.key in seeded for leaf in t.leaves)}
+        holding = plan.holding(seeded)
         # Never session_replication_role here: changing it throws away every
         # cached plan of the session, the prepared check's included, which
         # the next test would pay for (several ms at 200 tables). Foreign keys
@@ -797,22 +786,18 @@ class Cleaner:
             checked_keys=not replica,
         )
         emptied = {t.oid for t in (*truncated, *deleted)}
-        by_oid = {t.oid: t for t in plan.tables}
         restores = [
             postgres.Restore(leaf, seeded[leaf.key].writable, seeded[leaf.key].rows, 0)
-            for oid in plan.insert_order(emptied & holding)
-            for leaf in by_oid[oid].leaves
-            if leaf.key in seeded
+            for leaf in plan.refill_order(emptied, seeded)
         ]
-        baseline_views = self.baseline.matviews if self.baseline is not None else {}
         work = postgres.Emptying(
             truncate=truncated,
             delete=deleted,
             restore=restores,
             replica=replica,
             restart=sequences,
-            matviews=[(v, baseline_views[v.key].populated) for v in views],
-            expected=self.baseline.sequences if self.baseline is not None else None,
+            matviews=[(v, self._views[v.key].populated) for v in views],
+            expected=self._sequences,
         )
         if restores:
             work.quiet = postgres.quiet_inserts(self.conn, restores, replica=replica)
@@ -837,6 +822,7 @@ class Cleaner:
             self._xmins[restore.leaf.oid] = {xmin}
         for view in views:
             self._xmins[view.oid] = {xmin}
+        self._xmins_changed()
         if self.canary is not None:
             rewritten = {oid for t in truncated for oid in (t.oid, *(lf.oid for lf in t.leaves))}
             rewritten |= {v.oid for v in views}
