@@ -82,9 +82,13 @@ class _State:
     canary: Canary | None = None
     #: what each worker gets (worker isolation), by worker id
     handed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: what every worker gets (one shared database), made for the first
+    handed_shared: dict[str, Any] | None = None
     #: what a plain run's cleaner needs
     settings: Settings | None = None
     baseline: Baseline | None = None
+    #: a worker's baseline as it was handed over, read when a cleaner needs it
+    baseline_json: str | None = None
     version_table: tuple[str, str] = ("public", "alembic_version")
     cleaner: Cleaner | None = None
     clean_url: str | None = None
@@ -394,7 +398,7 @@ def _configure_worker(config: pytest.Config, state: _State, workerinput: dict[st
         state.canary = Canary(state.snapshot)
     state.clean_url = url
     state.settings = _worker_settings(handed)
-    state.baseline = _baseline(handed.get("baseline"))
+    state.baseline_json = handed.get("baseline")
     state.version_table = (handed["version_table"][0], handed["version_table"][1])
     _register_per_test(config, state)
 
@@ -410,14 +414,6 @@ def _worker_settings(handed: dict[str, Any]) -> Settings:
         allow_remote=True,  # the controller vetted this very server
         sources={"exclude": str(handed.get("exclude_source", "--exclude"))},
     )
-
-
-def _baseline(text: str | None) -> Baseline | None:
-    if not text:
-        return None
-    from dbreset.pristine import Baseline
-
-    return Baseline.from_json(text)
 
 
 def _configure_controller(config: pytest.Config, state: _State) -> None:
@@ -517,22 +513,12 @@ def _prepare_workers(
     )
     state.guards.extend(guards)
     state.header.append(_describe_workers(result))
-    baseline_json = result.baseline.to_json()
+    state.baseline, state.version_table = result.baseline, result.version_table
+    baseline_json = result.baseline.to_json()  # once for every worker
     for db in result.workers:
-        state.handed[db.worker] = {
-            "own": True,
-            "mode": state.mode,
-            "clean": state.clean,
-            "url": db.url,
-            "vars": list(settings.url_variables),
-            "snapshot": db.snapshot.to_dict() if db.snapshot is not None else None,
-            "baseline": baseline_json,
-            "version_table": list(_version_table_of(settings)),
-            "schemas": list(settings.schemas),
-            "exclude": list(settings.exclude),
-            "exclude_source": settings.sources.get("exclude", "--exclude"),
-            "wait": settings.wait,
-        }
+        state.handed[db.worker] = _handed(
+            state, settings, db.url, db.snapshot, baseline_json, own=True
+        )
     data = {
         "pid": os.getpid(),
         "vars": list(settings.url_variables),
@@ -541,17 +527,31 @@ def _prepare_workers(
     _export(state, _WORKERS_VAR, json.dumps(data))
 
 
-def _version_table_of(settings: Settings) -> tuple[str, str]:
-    from dbreset import migrations
-
-    try:
-        project = migrations.load_project(settings.alembic_config)
-    except Exception:
-        return migrations.DEFAULT_VERSION_TABLE
-    cached = migrations.read_cache(project, migrations.fingerprint(project))
-    if cached is not None and not project.version_table_from_ini:
-        return cached.version_table
-    return project.version_table_key
+def _handed(
+    state: _State,
+    settings: Settings,
+    url: str,
+    snapshot: CanarySnapshot | None,
+    baseline_json: str | None,
+    *,
+    own: bool,
+) -> dict[str, Any]:
+    """What the controller hands a worker: plain values (they travel through
+    execnet). *own*: the database at *url* is that worker's alone."""
+    return {
+        "own": own,
+        "mode": state.mode,
+        "clean": state.clean,
+        "url": url,
+        "vars": list(settings.url_variables),
+        "snapshot": snapshot.to_dict() if snapshot is not None else None,
+        "baseline": baseline_json,
+        "version_table": list(state.version_table),
+        "schemas": list(settings.schemas),
+        "exclude": list(settings.exclude),
+        "exclude_source": settings.sources.get("exclude", "--exclude"),
+        "wait": settings.wait,
+    }
 
 
 def _worker_ids(config: pytest.Config) -> list[str]:
@@ -728,21 +728,14 @@ def pytest_configure_node(node: Any) -> None:
     if handed is None and state.spare is not None:  # a crashed worker's replacement
         handed = state.handed[worker] = _take_over(state, state.spare)
         state.spare = None
-    if handed is None:  # one shared database
-        settings = state.settings
-        handed = {
-            "mode": state.mode,
-            "clean": state.clean,
-            "url": settings.require_url(),
-            "vars": list(settings.url_variables),
-            "snapshot": state.snapshot.to_dict() if state.snapshot is not None else None,
-            "baseline": state.baseline.to_json() if state.baseline is not None else None,
-            "version_table": list(state.version_table),
-            "schemas": list(settings.schemas),
-            "exclude": list(settings.exclude),
-            "exclude_source": settings.sources.get("exclude", "--exclude"),
-            "wait": settings.wait,
-        }
+    if handed is None:  # one shared database: the same for every worker
+        if state.handed_shared is None:
+            settings = state.settings
+            baseline_json = state.baseline.to_json() if state.baseline is not None else None
+            state.handed_shared = _handed(
+                state, settings, settings.require_url(), state.snapshot, baseline_json, own=False
+            )
+        handed = state.handed_shared
     node.workerinput[_WORKERINPUT_KEY] = handed
 
 
@@ -917,6 +910,10 @@ def _cleaner(config: pytest.Config) -> Cleaner | None:
         from dbreset import database
         from dbreset.session import Cleaner
 
+        if state.baseline is None and state.baseline_json:
+            from dbreset.pristine import Baseline
+
+            state.baseline = Baseline.from_json(state.baseline_json)
         settings = replace(state.settings, url=state.clean_url)
         owned = not (state.guards and not hasattr(config, "workerinput"))
         if not owned:

@@ -105,6 +105,7 @@ class WorkersResult(NamedTuple):
     pristine_db: str
     pristine_built: bool
     baseline: pristine.Baseline
+    version_table: tuple[str, str] = ("public", "alembic_version")
     elapsed_ms: float = 0.0
 
     def __repr__(self) -> str:
@@ -218,6 +219,7 @@ def prepare_workers(
         made.name,
         made.built,
         made.baseline,
+        ctx.version_table,
         elapsed_ms=operations._ms(start),
     )
     return result, guards
