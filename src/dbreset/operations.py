@@ -249,6 +249,14 @@ class _Context:
         #: the freshly migrated state a reset used
         self.baseline: pristine.Baseline | None = None
 
+    def full_fingerprint(self) -> str:
+        """The migrations' fingerprint, asking Alembic where the scripts are when
+        only it knows (computed once: it reads every migration file)."""
+        assert self.project is not None
+        if self.fingerprint is None:
+            self.fingerprint = migrations.fingerprint_of(self.project)
+        return self.fingerprint
+
     def pristine_name(self) -> str:
         fingerprint = self.fingerprint or "none"
         return pristine.pristine_name(self.target.dbname, fingerprint)
@@ -339,13 +347,12 @@ def _create_target(ctx: _Context) -> None:
 def _ensure_pristine_for_create(ctx: _Context) -> pristine.Pristine | None:
     if ctx.project is None:
         return None
-    fingerprint = migrations.fingerprint_of(ctx.project)
     try:
         return pristine.ensure(
             ctx.target,
             ctx.settings,
             ctx.project,
-            fingerprint=fingerprint,
+            fingerprint=ctx.full_fingerprint(),
             template=_branch_template(ctx.settings),
             progress=ctx.progress,
         )
@@ -846,8 +853,7 @@ def _find_baseline(ctx: _Context, *, dry_run: bool) -> _Baseline:
     database (built when missing, except in a dry run), else remembered from
     when dbreset migrated the target itself from empty."""
     assert ctx.project is not None and ctx.probe is not None
-    if ctx.fingerprint is None:
-        ctx.fingerprint = migrations.fingerprint_of(ctx.project)
+    fingerprint = ctx.full_fingerprint()
     known: tuple[int | None, str | None] = (ctx.probe.pristine_oid, ctx.probe.pristine_comment)
     owner = ctx.target
     own = database.parse_mark(ctx.probe.comment)
@@ -859,7 +865,7 @@ def _find_baseline(ctx: _Context, *, dry_run: bool) -> _Baseline:
     if dry_run:
         found = pristine.load(mark.digest) if mark is not None and mark.digest else None
         if found is None:
-            found = pristine.recall_for_target(ctx.target, ctx.probe.database_oid, ctx.fingerprint)
+            found = pristine.recall_for_target(ctx.target, ctx.probe.database_oid, fingerprint)
         note = None if found else "the pristine database would be built first"
         return _Baseline(found, None, note)
     try:
@@ -867,14 +873,14 @@ def _find_baseline(ctx: _Context, *, dry_run: bool) -> _Baseline:
             owner,
             ctx.settings,
             ctx.project,
-            fingerprint=ctx.fingerprint,
+            fingerprint=fingerprint,
             known=known,
             template=_branch_template(ctx.settings),
             progress=ctx.progress,
         )
         return _Baseline(made.baseline, made)
     except pristine.NoPristine as exc:
-        remembered = pristine.recall_for_target(ctx.target, ctx.probe.database_oid, ctx.fingerprint)
+        remembered = pristine.recall_for_target(ctx.target, ctx.probe.database_oid, fingerprint)
         if remembered is not None:
             return _Baseline(remembered)
         return _Baseline(None, None, pristine.no_pristine_note(ctx.target, str(exc)))
@@ -970,8 +976,7 @@ def _recreate(ctx: _Context, start: float) -> ResetResult:
 
     target, settings = ctx.target, ctx.settings
     assert ctx.project is not None
-    fingerprint = migrations.fingerprint_of(ctx.project)
-    ctx.fingerprint = fingerprint
+    fingerprint = ctx.full_fingerprint()
     try:
         conn = database.connect(target, settings, role="reset")
     except ConnectError as exc:
@@ -1227,9 +1232,9 @@ def _family_context(settings: Settings, journal: Journal) -> _Context:
     target = _target(settings)
     project = _project(settings, required=False)
     ctx = _Context(settings, target, project, None, journal)
-    if project is not None and ctx.fingerprint is None:
+    if project is not None:
         with contextlib.suppress(DbResetError):
-            ctx.fingerprint = migrations.fingerprint_of(project)
+            ctx.full_fingerprint()
     return ctx
 
 

@@ -1108,13 +1108,10 @@ class Emptying:
         ]
         setval = [*self.restart, *self.put_back]
         if setval:
-            states = [_expected(s, self.expected) for s in setval]
-            oids = ",".join(str(s.oid) for s in setval)
-            lasts = ",".join(str(e.last_value) for e in states)
-            called = ",".join("t" if e.is_called else "f" for e in states)
+            p = _sequence_params(setval, self.expected)
             out.append(
                 "SELECT count(setval(t.oid, t.last, t.called)) FROM "
-                f"unnest('{{{oids}}}'::oid[], '{{{lasts}}}'::bigint[], '{{{called}}}'::bool[]) "
+                f"unnest('{p['oids']}'::oid[], '{p['lasts']}'::bigint[], '{p['called']}'::bool[]) "
                 "AS t(oid, last, called)"
             )
         return [*out, "COMMIT"]
