@@ -14,13 +14,12 @@ import pytest
 
 from dbreset.database import mask_url
 from pluginruns import (
-    WORKERS_STARTED,
+    assert_ended_before_any_worker,
     clean_environment,
     databases,
     dbname,
     dbreset_cli,
     dbreset_lines,
-    exit_lines,
     output,
     popen_pytest,
     run,
@@ -398,17 +397,6 @@ def test_worker_databases_are_kept_reused_listed_and_dropped(
 
 
 # --------------------------------------------------------------------------- failures
-
-
-def assert_ended_before_any_worker(result: pytest.RunResult, status: int) -> str:
-    """The run ended in the controller with one line; that line."""
-    text = output(result)
-    assert result.ret == status, text
-    (line,) = exit_lines(result)
-    assert "INTERNALERROR" not in text and "Traceback" not in text, text
-    for sign in WORKERS_STARTED:
-        assert sign not in text, text
-    return line
 
 
 def test_a_worker_database_dbreset_did_not_make_ends_the_run_before_any_worker(
