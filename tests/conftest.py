@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
 from psycopg import sql
+
+if TYPE_CHECKING:
+    from dbreset.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECTS = Path(__file__).resolve().parent / "projects"
@@ -30,6 +34,26 @@ def scalar(url: str, query: str) -> Any:
     with psycopg.connect(url, autocommit=True) as conn:
         row = conn.execute(query).fetchone()  # type: ignore[arg-type]
         return row[0] if row else None
+
+
+def two_resets_at_once(settings: Settings) -> list[object]:
+    """``dbreset.reset(settings)`` in two threads at once: each one's result or exception."""
+    import dbreset
+
+    results: list[object] = []
+
+    def reset() -> None:
+        try:
+            results.append(dbreset.reset(settings))
+        except Exception as exc:  # collected and asserted by the caller
+            results.append(exc)
+
+    threads = [threading.Thread(target=reset) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
 
 
 def dbname_of(url: str) -> str:

@@ -74,6 +74,17 @@ def exit_lines(result: pytest.RunResult) -> list[str]:
     return [line for line in output(result).splitlines() if line.startswith("Exit:")]
 
 
+def assert_ended_before_any_worker(result: pytest.RunResult, status: int) -> str:
+    """The run ended in the controller with one line; that line."""
+    text = output(result)
+    assert result.ret == status, text
+    (line,) = exit_lines(result)
+    assert "INTERNALERROR" not in text and "Traceback" not in text, text
+    for sign in WORKERS_STARTED:
+        assert sign not in text, text
+    return line
+
+
 def popen_pytest(cwd: Path, *args: str, **env: str) -> subprocess.Popen[str]:
     """A pytest run in the background, in its own process group."""
     return subprocess.Popen(

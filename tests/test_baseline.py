@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from psycopg import sql
 from typer.testing import CliRunner
 
 import dbreset
-from conftest import copy_project, dbname_of, scalar, with_dbname
+from conftest import copy_project, dbname_of, scalar, two_resets_at_once, with_dbname
 from dbreset import operations, session
 from dbreset.cli import app
 from dbreset.errors import BusyError, MigrationError
@@ -203,20 +202,7 @@ def test_two_resets_at_once_and_a_reset_during_a_session(
 ) -> None:
     url = make_db()
     dbname = dbname_of(url)
-    settings = settings_for(url, seeded, schemas=SEEDED_SCHEMAS, wait=60)
-    results: list[object] = []
-
-    def run() -> None:
-        try:
-            results.append(dbreset.reset(settings))
-        except Exception as exc:  # collected and asserted below
-            results.append(exc)
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = two_resets_at_once(settings_for(url, seeded, schemas=SEEDED_SCHEMAS, wait=60))
     assert all(isinstance(r, operations.ResetResult) for r in results), results
     assert sum(r.pristine_built for r in results) == 1  # type: ignore[attr-defined]
     assert len(databases(admin, f"{dbname}_pristine_")) == 1

@@ -4,11 +4,8 @@ terminals, concurrency and ``python -m``."""
 from __future__ import annotations
 
 import json
-import os
-import pty
 import subprocess
 import sys
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -16,23 +13,12 @@ import psycopg
 import pytest
 from typer.testing import CliRunner
 
+from cliruns import proc_env, pty_prompt, run
 from conftest import copy_project, with_dbname
 from dbreset.cli import app
 
 HEAD = "0e0692925689"
 EXAMPLE = ["--schema", "public", "--schema", "audit", "--exclude", "country_*"]
-
-
-def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    result = CliRunner().invoke(app, list(args), env=env, catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
-
-
-def proc_env(work: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DBRESET_")}
-    env.pop("DATABASE_URL", None)
-    env["XDG_CACHE_HOME"] = str(work.parent / "cache")
-    return env
 
 
 def dbreset_proc(work: Path, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
@@ -209,35 +195,11 @@ def test_settings_from_pyproject_and_environment(project: Path, db_url: str) -> 
     assert "DBRESET_WAIT" in out
 
 
-def _pty_run(work: Path, args: list[str], answer: bytes) -> tuple[int, str]:
-    leader, follower = pty.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dbreset", *args],
-        cwd=work,
-        env=proc_env(work),
-        stdin=follower,
-        stdout=subprocess.PIPE,
-        stderr=follower,
-    )
-    os.close(follower)
-    seen = b""
-    deadline = time.monotonic() + 60
-    while b"[y/N]" not in seen and time.monotonic() < deadline:
-        try:
-            seen += os.read(leader, 1024)
-        except OSError:
-            break
-    os.write(leader, answer)
-    out, _ = proc.communicate(timeout=60)
-    os.close(leader)
-    return proc.returncode, seen.decode() + out.decode()
-
-
 def test_terminal_asks_and_names_the_database(project: Path, db_url: str) -> None:
     dbname = urlsplit(db_url).path.lstrip("/")
-    code, text = _pty_run(project, ["reset", "--url", db_url, *EXAMPLE], b"n\n")
+    code, text = pty_prompt(project, ["reset", "--url", db_url, *EXAMPLE], b"n\n")
     assert code == 3 and dbname in text
-    code, text = _pty_run(project, ["reset", "--url", db_url, *EXAMPLE], b"y\n")
+    code, text = pty_prompt(project, ["reset", "--url", db_url, *EXAMPLE], b"y\n")
     assert code == 0 and "dbreset reset" in text
 
 

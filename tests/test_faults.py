@@ -24,30 +24,15 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 from psycopg import sql
-from typer.testing import CliRunner
 
+from cliruns import proc_env, pty_prompt, run
 from conftest import copy_project, with_dbname
-from dbreset.cli import app
 
 HEAD = "0e0692925689"
 EXAMPLE = ["--schema", "public", "--schema", "audit", "--exclude", "country_*"]
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """The command line in process (Typer's CliRunner): exit code, stdout, stderr."""
-    result = CliRunner().invoke(app, list(args), env=env, catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
-
-
-def proc_env(work: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DBRESET_")}
-    env.pop("DATABASE_URL", None)
-    env["XDG_CACHE_HOME"] = str(work.parent / "cache")
-    env.update(extra)
-    return env
 
 
 def popen(work: Path, *args: str, **extra: str) -> subprocess.Popen[str]:
@@ -714,54 +699,11 @@ def test_a_backend_terminated_after_the_commit_is_not_an_error(
         ).fetchone() == (0,)
 
 
-def _pty_prompt(work: Path, args: list[str], answer: bytes) -> tuple[int, str]:
-    """Run dbreset on a terminal of its own (its controlling terminal, so that
-    ^C is a SIGINT from the terminal), answer the prompt with *answer*."""
-    import fcntl
-    import pty
-    import termios
-
-    leader, follower = pty.openpty()
-
-    def own_terminal() -> None:
-        os.setsid()
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dbreset", *args],
-        cwd=work,
-        env=proc_env(work),
-        stdin=follower,
-        stdout=subprocess.PIPE,
-        stderr=follower,
-        preexec_fn=own_terminal,
-    )
-    os.close(follower)
-    seen = b""
-    deadline = time.monotonic() + 60
-    while b"[y/N]" not in seen and time.monotonic() < deadline:
-        try:
-            seen += os.read(leader, 1024)
-        except OSError:
-            break
-    # Let it reach its read of the terminal: a SIGINT that lands between the
-    # prompt and the read is lost by Python's readline loop (a person's ^C
-    # always comes later).
-    time.sleep(0.5)
-    os.write(leader, answer)
-    out, _ = proc.communicate(timeout=60)
-    with contextlib.suppress(OSError):
-        while chunk := os.read(leader, 1024):
-            seen += chunk
-    os.close(leader)
-    return proc.returncode, seen.decode(errors="replace") + out.decode()
-
-
 def test_ctrl_c_at_the_prompt_is_not_confirmed(project: Path, db_url: str) -> None:
     assert run("reset", "--yes", "--url", db_url, *EXAMPLE)[0] == 0
     execute(db_url, "INSERT INTO audit.source_system (name) VALUES ('x')")
     for command in (["reset", *EXAMPLE], ["truncate", *EXAMPLE], ["mark"]):
-        code, text = _pty_prompt(project, [*command, "--url", db_url], b"\x03")
+        code, text = pty_prompt(project, [*command, "--url", db_url], b"\x03")
         assert code == 3, text
         assert "not confirmed; nothing was changed" in text, text
         assert "Abort" not in text and "internal error" not in text, text

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ import psycopg
 import pytest
 
 import dbreset
-from conftest import copy_project, dbname_of, with_dbname
+from conftest import copy_project, dbname_of, two_resets_at_once, with_dbname
 from dbreset import operations, session
 from dbreset.errors import BusyError, ConnectError, MigrationError, SafetyError, TruncateError
 from dbreset.settings import Settings, resolve_settings
@@ -364,22 +363,9 @@ def test_env_py_is_pointed_at_the_target_not_database_url(
 
 def test_concurrent_resets_both_succeed(isolated: Path, db_url: str) -> None:
     ini = copy_project("example", isolated)
-    settings = settings_for(db_url, ini, schemas=EXAMPLE_SCHEMAS, wait=60)
-    results: list[object] = []
-
-    def run() -> None:
-        try:
-            results.append(dbreset.reset(settings))
-        except Exception as exc:  # collected and asserted below
-            results.append(exc)
-
     # Alembic's module-level proxies are not thread-safe: the advisory lock is
     # what makes the second wait; use processes for real parallelism in test_cli.
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = two_resets_at_once(settings_for(db_url, ini, schemas=EXAMPLE_SCHEMAS, wait=60))
     assert all(isinstance(r, operations.ResetResult) for r in results), results
     assert sum(r.migrate.upgraded for r in results) == 1  # type: ignore[attr-defined]
 

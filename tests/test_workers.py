@@ -14,13 +14,12 @@ import pytest
 
 from dbreset.database import mask_url
 from pluginruns import (
-    WORKERS_STARTED,
+    assert_ended_before_any_worker,
     clean_environment,
     databases,
     dbname,
     dbreset_cli,
     dbreset_lines,
-    exit_lines,
     output,
     popen_pytest,
     run,
@@ -101,6 +100,18 @@ def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Calla
     return make
 
 
+@pytest.fixture
+def target_url(
+    project: Callable[..., Path], make_db: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """A new database for the inner run, after ``project`` cleared the environment: its URL
+    (returned) as DATABASE_URL, its name as TARGET_DB."""
+    url = make_db()
+    monkeypatch.setenv("DATABASE_URL", url)
+    monkeypatch.setenv("TARGET_DB", dbname(url))
+    return url
+
+
 def barrier(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     path = pytester.path / "barriers" / name
     path.mkdir(parents=True)
@@ -114,15 +125,12 @@ def test_a_colliding_suite_passes_with_one_database_per_worker_twice_in_a_row(
     pytester: pytest.Pytester,
     project: Callable[..., Path],
     monkeypatch: pytest.MonkeyPatch,
-    make_db: Callable[..., str],
+    target_url: str,
     admin: psycopg.Connection,
 ) -> None:
     project()
-    url = make_db()
-    target = dbname(url)
+    target = dbname(target_url)
     pytester.makepyfile(test_collide=TEST_COLLIDE)
-    monkeypatch.setenv("DATABASE_URL", url)
-    monkeypatch.setenv("TARGET_DB", target)
 
     for attempt in ("first", "second"):
         barrier(pytester, monkeypatch, attempt)
@@ -132,7 +140,7 @@ def test_a_colliding_suite_passes_with_one_database_per_worker_twice_in_a_row(
         (line,) = dbreset_lines(result)
         how = "cloned" if attempt == "first" else r"reset \(\d+ tables\)"
         assert re.fullmatch(
-            rf"dbreset: 3 worker databases for {re.escape(mask_url(url))} in \d+ ms "
+            rf"dbreset: 3 worker databases for {re.escape(mask_url(target_url))} in \d+ ms "
             rf"\(gw0 {how}, gw1 {how}, gw2 {how}"
             + (r"; built \S+_pristine_\w+\)" if attempt == "first" else r"\)"),
             line,
@@ -322,16 +330,15 @@ def test_worker_databases_are_kept_reused_listed_and_dropped(
     project: Callable[..., Path],
     monkeypatch: pytest.MonkeyPatch,
     make_db: Callable[..., str],
+    target_url: str,
     admin: psycopg.Connection,
     server_url: str,
 ) -> None:
     from conftest import with_dbname
 
     path = project()
-    url = make_db()
-    target = dbname(url)
+    target = dbname(target_url)
     pytester.makepyfile(test_run_row=TEST_RUN_ROW)
-    monkeypatch.setenv("DATABASE_URL", url)
     workers = {f"{target}_gw{i}" for i in range(3)}
 
     def rows(worker: int) -> list[tuple[int, str]]:
@@ -376,7 +383,7 @@ def test_worker_databases_are_kept_reused_listed_and_dropped(
 
     # A worker database reset on its own between runs is still the target's,
     # with whatever that reset made for it (today: a pristine database of its own).
-    alone = dbreset_cli(path, "reset", "--url", with_dbname(url, f"{target}_gw2"), "--yes")
+    alone = dbreset_cli(path, "reset", "--url", with_dbname(target_url, f"{target}_gw2"), "--yes")
     assert alone.returncode == 0, alone.stdout + alone.stderr
     made_for_it = set(databases(admin, target)) - set(after_first)
     assert set(listed()) == workers | {pristine_db} | made_for_it
@@ -392,31 +399,18 @@ def test_worker_databases_are_kept_reused_listed_and_dropped(
 # --------------------------------------------------------------------------- failures
 
 
-def assert_ended_before_any_worker(result: pytest.RunResult, status: int) -> str:
-    """The run ended in the controller with one line; that line."""
-    text = output(result)
-    assert result.ret == status, text
-    (line,) = exit_lines(result)
-    assert "INTERNALERROR" not in text and "Traceback" not in text, text
-    for sign in WORKERS_STARTED:
-        assert sign not in text, text
-    return line
-
-
 def test_a_worker_database_dbreset_did_not_make_ends_the_run_before_any_worker(
     pytester: pytest.Pytester,
     project: Callable[..., Path],
-    monkeypatch: pytest.MonkeyPatch,
     make_db: Callable[..., str],
+    target_url: str,
 ) -> None:
     project()
-    url = make_db()
-    target = dbname(url)
+    target = dbname(target_url)
     theirs = make_db(name=f"{target}_gw1")
     with psycopg.connect(theirs, autocommit=True) as conn:
         conn.execute("CREATE TABLE precious (x int); INSERT INTO precious VALUES (42)")
     pytester.makepyfile(test_x="def test_x():\n    pass\n")
-    monkeypatch.setenv("DATABASE_URL", url)
 
     line = assert_ended_before_any_worker(run(pytester, "-n", "2"), 3)
     assert line == (
@@ -431,21 +425,21 @@ def test_a_lock_held_on_a_worker_database_ends_the_run_naming_the_holder(
     pytester: pytest.Pytester,
     project: Callable[..., Path],
     monkeypatch: pytest.MonkeyPatch,
-    make_db: Callable[..., str],
+    target_url: str,
 ) -> None:
     from conftest import with_dbname
 
     project()
-    url = make_db()
-    target = dbname(url)
+    target = dbname(target_url)
     pytester.makepyfile(test_run_row=TEST_RUN_ROW)
-    monkeypatch.setenv("DATABASE_URL", url)
     monkeypatch.setenv("RUN", "1")
     first = run(pytester, "-n", "2", "--dist", "each")
     assert first.ret == 0, output(first)
 
     # A session left open on gw1's table that the reset has to empty.
-    with psycopg.connect(with_dbname(url, f"{target}_gw1"), application_name="leaky psql") as leak:
+    with psycopg.connect(
+        with_dbname(target_url, f"{target}_gw1"), application_name="leaky psql"
+    ) as leak:
         leak.execute("LOCK TABLE activity IN ACCESS SHARE MODE")
         pid = leak.info.backend_pid
         line = assert_ended_before_any_worker(run(pytester, "-n", "2", "--dbreset-wait", "0.5"), 6)
@@ -479,16 +473,13 @@ def test_after():
 def test_each_worker_database_is_guarded_and_checked_by_its_own_canary(
     pytester: pytest.Pytester,
     project: Callable[..., Path],
-    monkeypatch: pytest.MonkeyPatch,
-    make_db: Callable[..., str],
+    target_url: str,
 ) -> None:
     from conftest import with_dbname
 
     path = project()
-    url = make_db()
-    target = dbname(url)
+    target = dbname(target_url)
     pytester.makepyfile(test_hold=TEST_HOLD)
-    monkeypatch.setenv("DATABASE_URL", url)
     proc = popen_pytest(path, "-n", "2", "--dist", "each")
     try:
         wait_for(
@@ -497,14 +488,14 @@ def test_each_worker_database_is_guarded_and_checked_by_its_own_canary(
         )
         # A reset of a worker database from elsewhere is refused: the session holds it.
         refused = dbreset_cli(
-            path, "reset", "--url", with_dbname(url, f"{target}_gw0"), "--yes", "--wait", "0"
+            path, "reset", "--url", with_dbname(target_url, f"{target}_gw0"), "--yes", "--wait", "0"
         )
         assert refused.returncode == 6, refused.stdout + refused.stderr
         assert f"'{target}_gw0' is busy, waited 0s: a test session: pid " in refused.stderr
         assert f"(dbreset pytest session pid {proc.pid} on " in refused.stderr
 
         # Something else empties gw1's tables while the session runs.
-        with psycopg.connect(with_dbname(url, f"{target}_gw1"), autocommit=True) as conn:
+        with psycopg.connect(with_dbname(target_url, f"{target}_gw1"), autocommit=True) as conn:
             conn.execute("TRUNCATE app_user CASCADE")
         (path / "release").touch()
         out, _ = proc.communicate(timeout=60)
@@ -544,22 +535,18 @@ def test_the_target_itself():
 def test_without_xdist_the_run_uses_the_target(
     pytester: pytest.Pytester,
     project: Callable[..., Path],
-    monkeypatch: pytest.MonkeyPatch,
-    make_db: Callable[..., str],
+    target_url: str,
     admin: psycopg.Connection,
 ) -> None:
     project()
-    url = make_db()
-    target = dbname(url)
+    target = dbname(target_url)
     pytester.makepyfile(test_target=TEST_TARGET)
-    monkeypatch.setenv("DATABASE_URL", url)
-    monkeypatch.setenv("TARGET_DB", target)
     for args in ([], ["-n", "0"]):
         result = run(pytester, *args)
         assert result.ret == 0, output(result)
         result.assert_outcomes(passed=1)
         (line,) = dbreset_lines(result)
-        assert line.startswith(f"dbreset: reset {mask_url(url)} in "), line
+        assert line.startswith(f"dbreset: reset {mask_url(target_url)} in "), line
     assert not [name for name in databases(admin, target) if "_gw" in name]
 
 
@@ -599,15 +586,12 @@ def test_a_replacement_for_a_crashed_worker_gets_a_worker_database(
     pytester: pytest.Pytester,
     project: Callable[..., Path],
     monkeypatch: pytest.MonkeyPatch,
-    make_db: Callable[..., str],
+    target_url: str,
 ) -> None:
     path = project(WORKER_INI + '\ndbreset_clean = "test"')
-    url = make_db()
-    target = dbname(url)
+    target = dbname(target_url)
     pytester.makeconftest(CONFTEST_LOG_URL)
     pytester.makepyfile(test_crash=TEST_CRASH)
-    monkeypatch.setenv("DATABASE_URL", url)
-    monkeypatch.setenv("TARGET_DB", target)
     monkeypatch.setenv("LOG", str(path / "urls.log"))
     result = run(pytester, "-n", "2")
     text = output(result)
